@@ -1,0 +1,21 @@
+//! Countersign's domain: the aggregates whose events are the system's source of truth.
+//!
+//! Pure decisions over state and commands; no database, network, clock or key material.
+//! Side effects (signing, TOTP verification) go through the service traits defined here and
+//! implemented by the server crate. Event names and shapes are a public format.
+
+pub mod api_key;
+pub mod transaction;
+pub mod types;
+pub mod user;
+pub mod wallet;
+
+pub use api_key::{ApiKey, ApiKeyCommand, ApiKeyError, ApiKeyEvent};
+pub use transaction::{
+    FeeParams, Initiator, PrepareTransaction, ReceiptOutcome, SignedTransaction, SigningRequest,
+    Transaction, TransactionCommand, TransactionError, TransactionEvent, TransactionKind,
+    TransactionPrepared, TransactionServices, TransactionSigner, TransactionStatus, TxPayload,
+};
+pub use types::{Address, Amount, HexBytes, ParseError};
+pub use user::{MfaVerifier, User, UserCommand, UserError, UserEvent, UserServices};
+pub use wallet::{Wallet, WalletCommand, WalletError, WalletEvent};

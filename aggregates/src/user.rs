@@ -1,0 +1,459 @@
+//! The `User` aggregate: registration and TOTP enrolment, and the single-use rule for codes.
+//! A TOTP time step is accepted at most once per user: the last accepted step is part of the
+//! state and only later steps pass, so a code cannot be replayed, even by two concurrent
+//! requests (the loser of the race hits an optimistic-concurrency conflict and re-checks).
+//! TOTP secrets never appear here: events name a `secret_id`, and [`MfaVerifier`] resolves it.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::{Aggregate, DomainEvent};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum UserCommand {
+    Register {
+        user_id: String,
+        username: String,
+        now: OffsetDateTime,
+    },
+    /// Create a pending secret. Replacing an active MFA requires a current valid code.
+    StartMfaSetup {
+        secret_id: String,
+        code: Option<String>,
+        now: OffsetDateTime,
+    },
+    /// Activate the pending secret with a code it generated.
+    ConfirmMfa {
+        code: String,
+        now: OffsetDateTime,
+    },
+    /// Spend a code to authorize an MFA-protected action (`purpose` says which).
+    UseMfaCode {
+        code: String,
+        purpose: String,
+        now: OffsetDateTime,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum UserEvent {
+    UserRegistered {
+        user_id: String,
+        username: String,
+        #[serde(with = "time::serde::rfc3339")]
+        registered_at: OffsetDateTime,
+    },
+    MfaSetupStarted {
+        secret_id: String,
+        #[serde(with = "time::serde::rfc3339")]
+        started_at: OffsetDateTime,
+    },
+    MfaEnabled {
+        secret_id: String,
+        step: u64,
+        replaced_secret_id: Option<String>,
+        #[serde(with = "time::serde::rfc3339")]
+        enabled_at: OffsetDateTime,
+    },
+    MfaCodeAccepted {
+        step: u64,
+        purpose: String,
+        #[serde(with = "time::serde::rfc3339")]
+        accepted_at: OffsetDateTime,
+    },
+}
+
+impl DomainEvent for UserEvent {
+    fn event_type(&self) -> String {
+        match self {
+            Self::UserRegistered { .. } => "UserRegistered",
+            Self::MfaSetupStarted { .. } => "MfaSetupStarted",
+            Self::MfaEnabled { .. } => "MfaEnabled",
+            Self::MfaCodeAccepted { .. } => "MfaCodeAccepted",
+        }
+        .to_owned()
+    }
+
+    fn event_version(&self) -> String {
+        "1.0".to_owned()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UserError {
+    #[error("user not found")]
+    NotFound,
+    #[error("user already registered")]
+    AlreadyRegistered,
+    #[error("MFA is not enabled for this account")]
+    MfaNotEnabled,
+    #[error("MFA is already enabled: a current code is required to replace it")]
+    MfaCodeRequired,
+    #[error("no MFA setup is pending: call setup_mfa first")]
+    NoPendingMfa,
+    #[error("invalid MFA code")]
+    InvalidMfaCode,
+    #[error("this MFA code was already used: wait for the next one")]
+    MfaCodeReplayed,
+    #[error("MFA verification unavailable: {0}")]
+    Verifier(String),
+}
+
+/// Resolves a secret id and checks a code against it.
+#[async_trait]
+pub trait MfaVerifier: Send + Sync {
+    /// The time steps (within the accepted window around `now`) whose code equals `code`.
+    async fn matching_steps(
+        &self,
+        user_id: &str,
+        secret_id: &str,
+        code: &str,
+        now: OffsetDateTime,
+    ) -> Result<Vec<u64>, String>;
+}
+
+pub type UserServices = Arc<dyn MfaVerifier>;
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct User {
+    user_id: Option<String>,
+    active_secret_id: Option<String>,
+    pending_secret_id: Option<String>,
+    last_used_step: Option<u64>,
+}
+
+impl User {
+    pub fn mfa_enabled(&self) -> bool {
+        self.active_secret_id.is_some()
+    }
+
+    /// Verify `code` against `secret_id` and return the earliest matching step not yet used.
+    async fn spend_code(
+        &self,
+        verifier: &UserServices,
+        secret_id: &str,
+        code: &str,
+        now: OffsetDateTime,
+    ) -> Result<u64, UserError> {
+        let user_id = self.user_id.as_deref().ok_or(UserError::NotFound)?;
+        let steps = verifier
+            .matching_steps(user_id, secret_id, code, now)
+            .await
+            .map_err(UserError::Verifier)?;
+        if steps.is_empty() {
+            return Err(UserError::InvalidMfaCode);
+        }
+        steps
+            .into_iter()
+            .filter(|s| self.last_used_step.is_none_or(|last| *s > last))
+            .min()
+            .ok_or(UserError::MfaCodeReplayed)
+    }
+}
+
+impl Aggregate for User {
+    const TYPE: &'static str = "User";
+    type Command = UserCommand;
+    type Event = UserEvent;
+    type Error = UserError;
+    type Services = UserServices;
+
+    async fn handle(
+        &mut self,
+        command: Self::Command,
+        verifier: &Self::Services,
+        sink: &EventSink<Self>,
+    ) -> Result<(), Self::Error> {
+        if !matches!(command, UserCommand::Register { .. }) && self.user_id.is_none() {
+            return Err(UserError::NotFound);
+        }
+        match command {
+            UserCommand::Register {
+                user_id,
+                username,
+                now,
+            } => {
+                if self.user_id.is_some() {
+                    return Err(UserError::AlreadyRegistered);
+                }
+                let event = UserEvent::UserRegistered {
+                    user_id,
+                    username,
+                    registered_at: now,
+                };
+                sink.write(event, self).await;
+            }
+            UserCommand::StartMfaSetup {
+                secret_id,
+                code,
+                now,
+            } => {
+                if let Some(active) = self.active_secret_id.clone() {
+                    let code = code.ok_or(UserError::MfaCodeRequired)?;
+                    let step = self.spend_code(verifier, &active, &code, now).await?;
+                    let accepted = UserEvent::MfaCodeAccepted {
+                        step,
+                        purpose: "replace_mfa".to_owned(),
+                        accepted_at: now,
+                    };
+                    sink.write(accepted, self).await;
+                }
+                let started = UserEvent::MfaSetupStarted {
+                    secret_id,
+                    started_at: now,
+                };
+                sink.write(started, self).await;
+            }
+            UserCommand::ConfirmMfa { code, now } => {
+                let pending = self.pending_secret_id.clone().ok_or(UserError::NoPendingMfa)?;
+                let step = self.spend_code(verifier, &pending, &code, now).await?;
+                let event = UserEvent::MfaEnabled {
+                    secret_id: pending,
+                    step,
+                    replaced_secret_id: self.active_secret_id.clone(),
+                    enabled_at: now,
+                };
+                sink.write(event, self).await;
+            }
+            UserCommand::UseMfaCode { code, purpose, now } => {
+                let active = self.active_secret_id.clone().ok_or(UserError::MfaNotEnabled)?;
+                let step = self.spend_code(verifier, &active, &code, now).await?;
+                let event = UserEvent::MfaCodeAccepted {
+                    step,
+                    purpose,
+                    accepted_at: now,
+                };
+                sink.write(event, self).await;
+            }
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, event: Self::Event) {
+        match event {
+            UserEvent::UserRegistered { user_id, .. } => self.user_id = Some(user_id),
+            UserEvent::MfaSetupStarted { secret_id, .. } => {
+                self.pending_secret_id = Some(secret_id)
+            }
+            UserEvent::MfaEnabled {
+                secret_id, step, ..
+            } => {
+                self.active_secret_id = Some(secret_id);
+                self.pending_secret_id = None;
+                self.last_used_step = Some(step);
+            }
+            UserEvent::MfaCodeAccepted { step, .. } => self.last_used_step = Some(step),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use cqrs_es::test::TestFramework;
+    use time::macros::datetime;
+
+    use super::*;
+
+    const NOW: OffsetDateTime = datetime!(2026-01-01 12:00 UTC);
+
+    /// Code "s<step>-<secret>" matches that step of that secret; steps 99..=101 are "current".
+    struct FakeVerifier;
+
+    #[async_trait]
+    impl MfaVerifier for FakeVerifier {
+        async fn matching_steps(
+            &self,
+            _user: &str,
+            secret_id: &str,
+            code: &str,
+            _now: OffsetDateTime,
+        ) -> Result<Vec<u64>, String> {
+            Ok((99..=101)
+                .filter(|s| code == format!("s{s}-{secret_id}"))
+                .collect())
+        }
+    }
+
+    fn framework() -> TestFramework<User> {
+        TestFramework::with(Arc::new(FakeVerifier) as UserServices)
+    }
+
+    fn registered() -> UserEvent {
+        UserEvent::UserRegistered {
+            user_id: "u1".into(),
+            username: "alice".into(),
+            registered_at: NOW,
+        }
+    }
+
+    fn started(secret: &str) -> UserEvent {
+        UserEvent::MfaSetupStarted {
+            secret_id: secret.into(),
+            started_at: NOW,
+        }
+    }
+
+    fn enabled(secret: &str, step: u64) -> UserEvent {
+        UserEvent::MfaEnabled {
+            secret_id: secret.into(),
+            step,
+            replaced_secret_id: None,
+            enabled_at: NOW,
+        }
+    }
+
+    fn use_code(code: &str) -> UserCommand {
+        UserCommand::UseMfaCode {
+            code: code.into(),
+            purpose: "authorize_transaction".into(),
+            now: NOW,
+        }
+    }
+
+    #[test]
+    fn registers_once() {
+        let cmd = UserCommand::Register {
+            user_id: "u1".into(),
+            username: "alice".into(),
+            now: NOW,
+        };
+        framework()
+            .given_no_previous_events()
+            .when(cmd.clone())
+            .then_expect_events(vec![registered()]);
+        framework()
+            .given(vec![registered()])
+            .when(cmd)
+            .then_expect_error(UserError::AlreadyRegistered);
+    }
+
+    #[test]
+    fn setup_is_pending_until_confirmed_with_a_code_from_the_new_secret() {
+        framework()
+            .given(vec![registered()])
+            .when(UserCommand::StartMfaSetup {
+                secret_id: "A".into(),
+                code: None,
+                now: NOW,
+            })
+            .then_expect_events(vec![started("A")]);
+        framework()
+            .given(vec![registered(), started("A")])
+            .when(use_code("s100-A"))
+            .then_expect_error(UserError::MfaNotEnabled);
+        framework()
+            .given(vec![registered(), started("A")])
+            .when(UserCommand::ConfirmMfa {
+                code: "s100-A".into(),
+                now: NOW,
+            })
+            .then_expect_events(vec![enabled("A", 100)]);
+    }
+
+    #[test]
+    fn confirm_without_pending_setup_is_refused() {
+        framework()
+            .given(vec![registered()])
+            .when(UserCommand::ConfirmMfa {
+                code: "s100-A".into(),
+                now: NOW,
+            })
+            .then_expect_error(UserError::NoPendingMfa);
+    }
+
+    #[test]
+    fn wrong_code_is_rejected() {
+        framework()
+            .given(vec![registered(), started("A"), enabled("A", 99)])
+            .when(use_code("s100-B"))
+            .then_expect_error(UserError::InvalidMfaCode);
+    }
+
+    #[test]
+    fn a_code_step_is_accepted_once() {
+        framework()
+            .given(vec![registered(), started("A"), enabled("A", 99)])
+            .when(use_code("s100-A"))
+            .then_expect_events(vec![UserEvent::MfaCodeAccepted {
+                step: 100,
+                purpose: "authorize_transaction".into(),
+                accepted_at: NOW,
+            }]);
+        framework()
+            .given(vec![
+                registered(),
+                started("A"),
+                enabled("A", 99),
+                UserEvent::MfaCodeAccepted {
+                    step: 100,
+                    purpose: "authorize_transaction".into(),
+                    accepted_at: NOW,
+                },
+            ])
+            .when(use_code("s100-A"))
+            .then_expect_error(UserError::MfaCodeReplayed);
+    }
+
+    #[test]
+    fn the_confirmation_code_cannot_be_reused() {
+        framework()
+            .given(vec![registered(), started("A"), enabled("A", 100)])
+            .when(use_code("s100-A"))
+            .then_expect_error(UserError::MfaCodeReplayed);
+    }
+
+    #[test]
+    fn earlier_steps_than_the_last_used_are_refused() {
+        framework()
+            .given(vec![registered(), started("A"), enabled("A", 101)])
+            .when(use_code("s99-A"))
+            .then_expect_error(UserError::MfaCodeReplayed);
+    }
+
+    #[test]
+    fn replacing_active_mfa_needs_a_current_code() {
+        let base = vec![registered(), started("A"), enabled("A", 99)];
+        framework()
+            .given(base.clone())
+            .when(UserCommand::StartMfaSetup {
+                secret_id: "B".into(),
+                code: None,
+                now: NOW,
+            })
+            .then_expect_error(UserError::MfaCodeRequired);
+        framework()
+            .given(base.clone())
+            .when(UserCommand::StartMfaSetup {
+                secret_id: "B".into(),
+                code: Some("s100-B".into()),
+                now: NOW,
+            })
+            .then_expect_error(UserError::InvalidMfaCode);
+        framework()
+            .given(base)
+            .when(UserCommand::StartMfaSetup {
+                secret_id: "B".into(),
+                code: Some("s100-A".into()),
+                now: NOW,
+            })
+            .then_expect_events(vec![
+                UserEvent::MfaCodeAccepted {
+                    step: 100,
+                    purpose: "replace_mfa".into(),
+                    accepted_at: NOW,
+                },
+                started("B"),
+            ]);
+    }
+
+    #[test]
+    fn commands_on_unknown_users_are_not_found() {
+        framework()
+            .given_no_previous_events()
+            .when(use_code("s100-A"))
+            .then_expect_error(UserError::NotFound);
+    }
+}

@@ -1,0 +1,112 @@
+//! Countersign's read side: views derived from the commit-ordered event log.
+//!
+//! Everything here is pure: [`apply`] folds one stored event into the view document it touches.
+//! The server's projector feeds events strictly in global-position order and writes the
+//! resulting documents together with its checkpoint in one database transaction, which is what
+//! makes views exactly-once (never missed, never doubled) even across crashes and concurrent
+//! writers. Nothing here knows about SQL.
+
+mod views;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+pub use views::{ApiKeyView, TransactionView, UserView, WalletView};
+
+/// An event as read back from the store, with its global, commit-ordered position.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredEvent {
+    pub position: i64,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub sequence: i64,
+    pub event_type: String,
+    pub event_version: String,
+    pub payload: Value,
+    pub metadata: Value,
+    pub recorded_at: String,
+}
+
+impl StoredEvent {
+    /// The principal recorded in the command metadata (user or API key id).
+    pub fn actor(&self) -> Option<&str> {
+        self.metadata.get("actor").and_then(Value::as_str)
+    }
+}
+
+/// The kinds of view documents the projector maintains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ViewKind {
+    Transaction,
+    Wallet,
+    ApiKey,
+    User,
+}
+
+impl ViewKind {
+    pub const ALL: [ViewKind; 4] = [Self::Transaction, Self::Wallet, Self::ApiKey, Self::User];
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Transaction => "transaction",
+            Self::Wallet => "wallet",
+            Self::ApiKey => "api_key",
+            Self::User => "user",
+        }
+    }
+
+    /// Which view kind an aggregate type feeds.
+    pub fn for_aggregate(aggregate_type: &str) -> Option<Self> {
+        match aggregate_type {
+            "Transaction" => Some(Self::Transaction),
+            "Wallet" => Some(Self::Wallet),
+            "ApiKey" => Some(Self::ApiKey),
+            "User" => Some(Self::User),
+            _ => None,
+        }
+    }
+}
+
+/// A view document plus the columns the server indexes for lookups.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ViewDoc {
+    pub kind: ViewKind,
+    pub id: String,
+    pub owner_user_id: Option<String>,
+    pub wallet_address: Option<String>,
+    pub api_key_id: Option<String>,
+    pub status: Option<String>,
+    pub payload: Value,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectionError {
+    #[error("event {position} ({event_type}) cannot be decoded: {source}")]
+    Decode {
+        position: i64,
+        event_type: String,
+        source: serde_json::Error,
+    },
+    #[error("event {position} ({event_type}) arrived before its view was created")]
+    MissingView { position: i64, event_type: String },
+}
+
+/// The view an event touches, if any: its kind and id.
+pub fn target(event: &StoredEvent) -> Option<(ViewKind, String)> {
+    ViewKind::for_aggregate(&event.aggregate_type).map(|k| (k, event.aggregate_id.clone()))
+}
+
+/// Fold `event` into `current` (the stored document of [`target`], if it exists).
+pub fn apply(
+    kind: ViewKind,
+    current: Option<Value>,
+    event: &StoredEvent,
+) -> Result<ViewDoc, ProjectionError> {
+    match kind {
+        ViewKind::Transaction => views::fold::<TransactionView>(current, event),
+        ViewKind::Wallet => views::fold::<WalletView>(current, event),
+        ViewKind::ApiKey => views::fold::<ApiKeyView>(current, event),
+        ViewKind::User => views::fold::<UserView>(current, event),
+    }
+}

@@ -1,0 +1,433 @@
+//! The view documents and how each event changes them.
+
+use aggregates::{
+    Address, Amount, ApiKeyEvent, Initiator, TransactionEvent, TransactionKind, UserEvent,
+    WalletEvent,
+};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::{ProjectionError, StoredEvent, ViewDoc, ViewKind};
+
+/// One kind of view: created by its aggregate's first event, updated by the rest.
+pub(crate) trait View: Serialize + DeserializeOwned {
+    const KIND: ViewKind;
+    type Event: DeserializeOwned;
+
+    /// Build the view from the aggregate's first event (`None` if that event cannot start one).
+    fn create(event: Self::Event, stored: &StoredEvent) -> Option<Self>;
+    fn update(&mut self, event: Self::Event, stored: &StoredEvent);
+    fn doc(&self, id: String, payload: Value) -> ViewDoc;
+}
+
+pub(crate) fn fold<V: View>(
+    current: Option<Value>,
+    stored: &StoredEvent,
+) -> Result<ViewDoc, ProjectionError> {
+    let decode = |source| ProjectionError::Decode {
+        position: stored.position,
+        event_type: stored.event_type.clone(),
+        source,
+    };
+    let event: V::Event = serde_json::from_value(stored.payload.clone()).map_err(decode)?;
+    let view = match current {
+        Some(doc) => {
+            let mut view: V = serde_json::from_value(doc).map_err(decode)?;
+            view.update(event, stored);
+            view
+        }
+        None => V::create(event, stored).ok_or_else(|| ProjectionError::MissingView {
+            position: stored.position,
+            event_type: stored.event_type.clone(),
+        })?,
+    };
+    let payload = serde_json::to_value(&view).map_err(decode)?;
+    Ok(view.doc(stored.aggregate_id.clone(), payload))
+}
+
+/// What `/api/transaction_status` returns.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TransactionView {
+    pub transaction_id: String,
+    pub status: String,
+    pub wallet_address: Address,
+    pub owner_user_id: String,
+    pub initiator: Initiator,
+    pub kind: TransactionKind,
+    pub chain_id: u64,
+    pub to: Address,
+    pub value: Amount,
+    pub token_address: Option<Address>,
+    pub amount: Option<Amount>,
+    pub data: String,
+    pub memo: Option<String>,
+    pub summary: String,
+    pub payload_digest: String,
+    pub authorized_by: Option<String>,
+    pub rejection_reason: Option<String>,
+    pub tx_hash: Option<String>,
+    pub nonce: Option<u64>,
+    pub block_number: Option<u64>,
+    pub gas_used: Option<u64>,
+    pub effective_gas_price: Option<String>,
+    pub failure_reason: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+    pub expires_at: String,
+    /// Global position of the last event folded in.
+    pub position: i64,
+}
+
+fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+impl View for TransactionView {
+    const KIND: ViewKind = ViewKind::Transaction;
+    type Event = TransactionEvent;
+
+    fn create(event: TransactionEvent, stored: &StoredEvent) -> Option<Self> {
+        let TransactionEvent::TransactionPrepared(p) = event else {
+            return None;
+        };
+        Some(Self {
+            transaction_id: p.transaction_id,
+            status: "pending_authorization".to_owned(),
+            wallet_address: p.wallet_address,
+            owner_user_id: p.owner_user_id,
+            initiator: p.initiator,
+            kind: p.kind,
+            chain_id: p.payload.chain_id,
+            to: p.to,
+            value: p.payload.value,
+            token_address: p.token_address,
+            amount: p.amount,
+            data: p.payload.data.to_hex(),
+            memo: p.memo,
+            summary: p.summary,
+            payload_digest: p.payload_digest,
+            authorized_by: None,
+            rejection_reason: None,
+            tx_hash: None,
+            nonce: None,
+            block_number: None,
+            gas_used: None,
+            effective_gas_price: None,
+            failure_reason: None,
+            created_at: rfc3339(p.prepared_at),
+            updated_at: rfc3339(p.prepared_at),
+            expires_at: rfc3339(p.expires_at),
+            position: stored.position,
+        })
+    }
+
+    fn update(&mut self, event: TransactionEvent, stored: &StoredEvent) {
+        self.position = stored.position;
+        let (status, at) = match event {
+            TransactionEvent::TransactionPrepared(_) => return,
+            TransactionEvent::TransactionAuthorized {
+                authorized_by,
+                authorized_at,
+                ..
+            } => {
+                self.authorized_by = Some(authorized_by);
+                ("authorized", authorized_at)
+            }
+            TransactionEvent::TransactionRejected {
+                reason,
+                rejected_at,
+                ..
+            } => {
+                self.rejection_reason = reason;
+                ("rejected", rejected_at)
+            }
+            TransactionEvent::TransactionExpired { expired_at } => ("expired", expired_at),
+            TransactionEvent::TransactionExecuted {
+                tx_hash,
+                nonce,
+                executed_at,
+                ..
+            } => {
+                self.tx_hash = Some(tx_hash);
+                self.nonce = Some(nonce);
+                ("executed", executed_at)
+            }
+            TransactionEvent::TransactionConfirmed {
+                block_number,
+                gas_used,
+                effective_gas_price,
+                confirmed_at,
+            } => {
+                self.block_number = Some(block_number);
+                self.gas_used = Some(gas_used);
+                self.effective_gas_price = Some(effective_gas_price.to_string());
+                ("confirmed", confirmed_at)
+            }
+            TransactionEvent::TransactionFailed {
+                reason,
+                block_number,
+                failed_at,
+            } => {
+                self.failure_reason = Some(reason);
+                self.block_number = block_number.or(self.block_number);
+                ("failed", failed_at)
+            }
+        };
+        self.status = status.to_owned();
+        self.updated_at = rfc3339(at);
+    }
+
+    fn doc(&self, id: String, payload: Value) -> ViewDoc {
+        let api_key_id = match &self.initiator {
+            Initiator::Agent { api_key_id, .. } => Some(api_key_id.clone()),
+            Initiator::User { .. } => None,
+        };
+        ViewDoc {
+            kind: Self::KIND,
+            id,
+            owner_user_id: Some(self.owner_user_id.clone()),
+            wallet_address: Some(self.wallet_address.to_checksum()),
+            api_key_id,
+            status: Some(self.status.clone()),
+            payload,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WalletView {
+    pub wallet_address: Address,
+    pub owner_user_id: String,
+    pub chain_id: u64,
+    pub created_at: String,
+}
+
+impl View for WalletView {
+    const KIND: ViewKind = ViewKind::Wallet;
+    type Event = WalletEvent;
+
+    fn create(event: WalletEvent, _: &StoredEvent) -> Option<Self> {
+        let WalletEvent::WalletCreated {
+            wallet_address,
+            owner_user_id,
+            chain_id,
+            created_at,
+        } = event;
+        Some(Self {
+            wallet_address,
+            owner_user_id,
+            chain_id,
+            created_at: rfc3339(created_at),
+        })
+    }
+
+    fn update(&mut self, _: WalletEvent, _: &StoredEvent) {}
+
+    fn doc(&self, id: String, payload: Value) -> ViewDoc {
+        ViewDoc {
+            kind: Self::KIND,
+            id,
+            owner_user_id: Some(self.owner_user_id.clone()),
+            wallet_address: Some(self.wallet_address.to_checksum()),
+            api_key_id: None,
+            status: None,
+            payload,
+        }
+    }
+}
+
+/// An agent key as its owner sees it (never the secret).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApiKeyView {
+    pub api_key_id: String,
+    pub owner_user_id: String,
+    pub name: String,
+    /// `None`: all of the owner's wallets.
+    pub wallet_addresses: Option<Vec<Address>>,
+    pub created_at: String,
+    pub revoked_at: Option<String>,
+}
+
+impl ApiKeyView {
+    pub fn is_revoked(&self) -> bool {
+        self.revoked_at.is_some()
+    }
+
+    pub fn covers(&self, wallet: &Address) -> bool {
+        self.wallet_addresses
+            .as_ref()
+            .is_none_or(|scope| scope.contains(wallet))
+    }
+}
+
+impl View for ApiKeyView {
+    const KIND: ViewKind = ViewKind::ApiKey;
+    type Event = ApiKeyEvent;
+
+    fn create(event: ApiKeyEvent, _: &StoredEvent) -> Option<Self> {
+        let ApiKeyEvent::ApiKeyIssued {
+            api_key_id,
+            owner_user_id,
+            name,
+            wallet_addresses,
+            issued_at,
+        } = event
+        else {
+            return None;
+        };
+        Some(Self {
+            api_key_id,
+            owner_user_id,
+            name,
+            wallet_addresses,
+            created_at: rfc3339(issued_at),
+            revoked_at: None,
+        })
+    }
+
+    fn update(&mut self, event: ApiKeyEvent, _: &StoredEvent) {
+        if let ApiKeyEvent::ApiKeyRevoked { revoked_at, .. } = event {
+            self.revoked_at = Some(rfc3339(revoked_at));
+        }
+    }
+
+    fn doc(&self, id: String, payload: Value) -> ViewDoc {
+        ViewDoc {
+            kind: Self::KIND,
+            id,
+            owner_user_id: Some(self.owner_user_id.clone()),
+            wallet_address: None,
+            api_key_id: Some(self.api_key_id.clone()),
+            status: Some(if self.is_revoked() { "revoked" } else { "active" }.to_owned()),
+            payload,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UserView {
+    pub user_id: String,
+    pub username: String,
+    pub mfa_enabled: bool,
+    pub mfa_pending: bool,
+    pub registered_at: String,
+}
+
+impl View for UserView {
+    const KIND: ViewKind = ViewKind::User;
+    type Event = UserEvent;
+
+    fn create(event: UserEvent, _: &StoredEvent) -> Option<Self> {
+        let UserEvent::UserRegistered {
+            user_id,
+            username,
+            registered_at,
+        } = event
+        else {
+            return None;
+        };
+        Some(Self {
+            user_id,
+            username,
+            mfa_enabled: false,
+            mfa_pending: false,
+            registered_at: rfc3339(registered_at),
+        })
+    }
+
+    fn update(&mut self, event: UserEvent, _: &StoredEvent) {
+        match event {
+            UserEvent::MfaSetupStarted { .. } => self.mfa_pending = true,
+            UserEvent::MfaEnabled { .. } => {
+                self.mfa_enabled = true;
+                self.mfa_pending = false;
+            }
+            UserEvent::UserRegistered { .. } | UserEvent::MfaCodeAccepted { .. } => {}
+        }
+    }
+
+    fn doc(&self, id: String, payload: Value) -> ViewDoc {
+        ViewDoc {
+            kind: Self::KIND,
+            id,
+            owner_user_id: Some(self.user_id.clone()),
+            wallet_address: None,
+            api_key_id: None,
+            status: None,
+            payload,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::apply;
+
+    fn stored(position: i64, aggregate_type: &str, id: &str, payload: Value) -> StoredEvent {
+        StoredEvent {
+            position,
+            aggregate_type: aggregate_type.into(),
+            aggregate_id: id.into(),
+            sequence: position,
+            event_type: payload
+                .as_object()
+                .and_then(|o| o.keys().next().cloned())
+                .unwrap_or_default(),
+            event_version: "1.0".into(),
+            payload,
+            metadata: json!({"actor": "u1"}),
+            recorded_at: "2026-01-01T00:00:00Z".into(),
+        }
+    }
+
+    #[test]
+    fn api_key_view_follows_issue_and_revoke() {
+        let issued = stored(
+            1,
+            "ApiKey",
+            "k1",
+            json!({"ApiKeyIssued": {"api_key_id": "k1", "owner_user_id": "u1", "name": "bot",
+                "wallet_addresses": null, "issued_at": "2026-01-01T00:00:00Z"}}),
+        );
+        let doc = apply(ViewKind::ApiKey, None, &issued).unwrap();
+        assert_eq!(doc.status.as_deref(), Some("active"));
+        let revoked = stored(
+            2,
+            "ApiKey",
+            "k1",
+            json!({"ApiKeyRevoked": {"revoked_by": "u1", "revoked_at": "2026-01-01T00:01:00Z"}}),
+        );
+        let doc = apply(ViewKind::ApiKey, Some(doc.payload), &revoked).unwrap();
+        assert_eq!(doc.status.as_deref(), Some("revoked"));
+        let view: ApiKeyView = serde_json::from_value(doc.payload).unwrap();
+        assert!(view.is_revoked());
+    }
+
+    #[test]
+    fn an_update_without_a_view_is_an_error_not_a_silent_skip() {
+        let revoked = stored(
+            2,
+            "ApiKey",
+            "k1",
+            json!({"ApiKeyRevoked": {"revoked_by": "u1", "revoked_at": "2026-01-01T00:01:00Z"}}),
+        );
+        assert!(matches!(
+            apply(ViewKind::ApiKey, None, &revoked),
+            Err(ProjectionError::MissingView { position: 2, .. })
+        ));
+    }
+
+    #[test]
+    fn undecodable_events_name_their_position() {
+        let bad = stored(7, "Wallet", "w", json!({"Nope": {}}));
+        assert!(matches!(
+            apply(ViewKind::Wallet, None, &bad),
+            Err(ProjectionError::Decode { position: 7, .. })
+        ));
+    }
+}
