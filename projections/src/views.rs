@@ -1,8 +1,8 @@
 //! The view documents and how each event changes them.
 
 use aggregates::{
-    Address, Amount, ApiKeyEvent, Initiator, TransactionEvent, TransactionKind, UserEvent,
-    WalletEvent,
+    Address, Amount, ApiKeyEvent, Initiator, TransactionEvent, TransactionKind, TxPayload,
+    UserEvent, WalletEvent,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -63,6 +63,8 @@ pub struct TransactionView {
     pub data: String,
     pub memo: Option<String>,
     pub summary: String,
+    /// Exactly what is signed on execution (for ERC20, `to` above is the token recipient).
+    pub payload: TxPayload,
     pub payload_digest: String,
     pub authorized_by: Option<String>,
     pub rejection_reason: Option<String>,
@@ -101,12 +103,13 @@ impl View for TransactionView {
             kind: p.kind,
             chain_id: p.payload.chain_id,
             to: p.to,
-            value: p.payload.value,
+            value: p.payload.value.clone(),
             token_address: p.token_address,
             amount: p.amount,
             data: p.payload.data.to_hex(),
             memo: p.memo,
             summary: p.summary,
+            payload: p.payload,
             payload_digest: p.payload_digest,
             authorized_by: None,
             rejection_reason: None,

@@ -1,0 +1,155 @@
+//! Wiring: builds the store, command frameworks, projector and chain client into one
+//! [`AppState`], binds the listener (port 0 works, for tests) and runs the server with its
+//! background workers until shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use aggregates::{ApiKey, Transaction, User, Wallet};
+use cqrs_es::{Aggregate, AggregateError};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::chain::{Chain, KeyringSigner, NonceManager};
+use crate::config::Config;
+use crate::crypto::{JwtKeys, MasterKey};
+use crate::projector::Projector;
+use crate::services::TotpVerifier;
+use crate::store::{cqrs, Actor, Cqrs, Db, StoreError};
+use crate::{http, workers};
+
+/// Attempts for a command that loses an optimistic-concurrency race. Retrying is safe: the
+/// aggregate re-decides from the fresh state (a replayed code or a second execution fails).
+const CONFLICT_RETRIES: usize = 3;
+
+pub struct Inner {
+    pub db: Db,
+    pub projector: Projector,
+    pub users: Cqrs<User>,
+    pub wallets: Cqrs<Wallet>,
+    pub api_keys: Cqrs<ApiKey>,
+    pub transactions: Cqrs<Transaction>,
+    pub jwt: JwtKeys,
+    pub master_key: Arc<MasterKey>,
+    pub chain: Chain,
+    pub keyring: Arc<KeyringSigner>,
+    pub nonces: NonceManager,
+    pub default_expiry: Duration,
+    pub poll_interval: Duration,
+}
+
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+impl std::ops::Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl AppState {
+    pub async fn new(config: Config) -> Result<Self, StoreError> {
+        let db = Db::connect(&config.database_url).await?;
+        db.migrate().await?;
+        crate::crypto::init_passwords();
+        let master_key = Arc::new(config.master_key);
+        let keyring = Arc::new(KeyringSigner::new(db.clone(), master_key.clone()));
+        let verifier = Arc::new(TotpVerifier::new(db.clone(), master_key.clone()));
+        Ok(Self(Arc::new(Inner {
+            users: cqrs(&db, verifier as aggregates::UserServices),
+            wallets: cqrs(&db, ()),
+            api_keys: cqrs(&db, ()),
+            transactions: cqrs(&db, keyring.clone() as aggregates::TransactionServices),
+            projector: Projector::new(db.clone()),
+            jwt: JwtKeys::new(&config.jwt_secret, config.jwt_ttl),
+            chain: Chain::new(config.chain_url),
+            nonces: NonceManager::default(),
+            default_expiry: config.default_expiry,
+            poll_interval: config.poll_interval,
+            master_key,
+            keyring,
+            db,
+        })))
+    }
+
+    /// Run a command with its actor recorded in every event's metadata, retrying lost
+    /// concurrency races, then bring the views up to date so the response (and any read that
+    /// follows it) reflects the change.
+    pub async fn execute<A>(
+        &self,
+        cqrs: &Cqrs<A>,
+        aggregate_id: &str,
+        command: A::Command,
+        actor: &Actor,
+        request_id: &str,
+    ) -> Result<(), http::ApiError>
+    where
+        A: Aggregate,
+        A::Command: Clone,
+        A::Error: Into<http::ApiError>,
+    {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let result = cqrs
+                .execute_with_metadata(aggregate_id, command.clone(), actor.metadata(request_id))
+                .await;
+            match result {
+                Err(AggregateError::AggregateConflict) if attempt < CONFLICT_RETRIES => continue,
+                Err(e) => return Err(e.into()),
+                Ok(()) => break,
+            }
+        }
+        self.projector.catch_up().await?;
+        Ok(())
+    }
+}
+
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+}
+
+impl Application {
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let addr = config.addr;
+        let state = AppState::new(config).await?;
+        // Bring views up to date before serving (e.g. after a crash mid-projection).
+        state.projector.catch_up().await?;
+        let listener = TcpListener::bind(addr).await?;
+        Ok(Self { listener, state })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.listener
+            .local_addr()
+            .map(|a| a.port())
+            .unwrap_or_default()
+    }
+
+    pub fn state(&self) -> AppState {
+        self.state.clone()
+    }
+
+    /// Serve until `shutdown` resolves, then stop the workers and close the pool.
+    pub async fn run_until(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let workers: Vec<JoinHandle<()>> = workers::spawn_all(self.state.clone());
+        let router = http::router(self.state.clone());
+        tracing::info!(addr = %self.listener.local_addr()?, "countersign listening");
+        axum::serve(
+            self.listener,
+            router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown)
+        .await?;
+        for w in workers {
+            w.abort();
+        }
+        self.state.db.close().await;
+        Ok(())
+    }
+}

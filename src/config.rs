@@ -1,0 +1,188 @@
+//! Configuration from the environment (and `.env`). Secrets are checked for strength here, once,
+//! so the rest of the server can assume they are sound. Dev mode may generate them.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine;
+use rand::RngCore;
+use secrecy::SecretString;
+
+use crate::crypto::MasterKey;
+
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://countersign.db";
+pub const DEFAULT_ADDR: &str = "127.0.0.1:8080";
+pub const DEFAULT_CHAIN_URL: &str = "http://127.0.0.1:8545";
+const MIN_JWT_SECRET_BYTES: usize = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{name} is not set (run `countersign serve --dev` for a local instance with generated secrets)")]
+    Missing { name: &'static str },
+    #[error("{name} is invalid: {why}")]
+    Invalid { name: &'static str, why: String },
+    #[error("dev secrets file {path}: {source}")]
+    DevSecrets {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Everything the server needs to run.
+pub struct Config {
+    pub database_url: String,
+    pub chain_url: url::Url,
+    pub addr: SocketAddr,
+    pub jwt_secret: SecretString,
+    pub jwt_ttl: Duration,
+    pub master_key: MasterKey,
+    /// How long a prepared transaction waits for its human by default (and at most).
+    pub default_expiry: Duration,
+    /// How often background workers (expiry, receipts, projection catch-up) poll.
+    pub poll_interval: Duration,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Secrets are deliberately absent.
+        f.debug_struct("Config")
+            .field("database_url", &redact_url(&self.database_url))
+            .field("chain_url", &self.chain_url.as_str())
+            .field("addr", &self.addr)
+            .field("jwt_ttl", &self.jwt_ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A database URL with any password removed, for logs.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
+fn var(name: &'static str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+fn parse_var<T: std::str::FromStr>(name: &'static str, default: T) -> Result<T, ConfigError>
+where
+    T::Err: std::fmt::Display,
+{
+    match var(name) {
+        None => Ok(default),
+        Some(v) => v.trim().parse().map_err(|e: T::Err| ConfigError::Invalid {
+            name,
+            why: e.to_string(),
+        }),
+    }
+}
+
+impl Config {
+    /// Read the configuration. In dev mode, missing secrets are generated once and kept in
+    /// `dev_dir/secrets.env` (mode 0600) so restarts keep access to existing wallets.
+    pub fn from_env(dev_dir: Option<&Path>) -> Result<Self, ConfigError> {
+        if let Some(dir) = dev_dir {
+            load_or_create_dev_secrets(dir)?;
+        }
+        let jwt_secret = var("JWT_SECRET_KEY").ok_or(ConfigError::Missing {
+            name: "JWT_SECRET_KEY",
+        })?;
+        if jwt_secret.len() < MIN_JWT_SECRET_BYTES {
+            return Err(ConfigError::Invalid {
+                name: "JWT_SECRET_KEY",
+                why: format!("must be at least {MIN_JWT_SECRET_BYTES} bytes of random data"),
+            });
+        }
+        let master_key = var("COUNTERSIGN_MASTER_KEY").ok_or(ConfigError::Missing {
+            name: "COUNTERSIGN_MASTER_KEY",
+        })?;
+        let master_key =
+            MasterKey::from_base64(&master_key).map_err(|why| ConfigError::Invalid {
+                name: "COUNTERSIGN_MASTER_KEY",
+                why,
+            })?;
+        let chain_url = var("WEB3_PROVIDER_URI").unwrap_or_else(|| DEFAULT_CHAIN_URL.to_owned());
+        let chain_url = url::Url::parse(&chain_url).map_err(|e| ConfigError::Invalid {
+            name: "WEB3_PROVIDER_URI",
+            why: e.to_string(),
+        })?;
+        let jwt_ttl: u64 = parse_var("JWT_ACCESS_TOKEN_EXPIRES", 900)?;
+        if jwt_ttl == 0 {
+            return Err(ConfigError::Invalid {
+                name: "JWT_ACCESS_TOKEN_EXPIRES",
+                why: "must be a positive number of seconds".into(),
+            });
+        }
+        let expiry_secs: u64 = parse_var("COUNTERSIGN_TX_EXPIRY", 900)?;
+        let poll_ms: u64 = parse_var("COUNTERSIGN_POLL_INTERVAL_MS", 500)?;
+        Ok(Self {
+            database_url: var("DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned()),
+            chain_url,
+            addr: parse_var("COUNTERSIGN_ADDR", DEFAULT_ADDR.parse().expect("valid default"))?,
+            jwt_secret: SecretString::from(jwt_secret),
+            jwt_ttl: Duration::from_secs(jwt_ttl),
+            master_key,
+            default_expiry: Duration::from_secs(expiry_secs.max(1)),
+            poll_interval: Duration::from_millis(poll_ms.max(10)),
+        })
+    }
+}
+
+/// Generate random dev secrets into `dir/secrets.env` unless present, then export any that the
+/// environment does not already set.
+fn load_or_create_dev_secrets(dir: &Path) -> Result<(), ConfigError> {
+    let path = dir.join("secrets.env");
+    let io_err = |source| ConfigError::DevSecrets {
+        path: path.clone(),
+        source,
+    };
+    if !path.exists() {
+        std::fs::create_dir_all(dir).map_err(io_err)?;
+        let mut jwt = zeroize::Zeroizing::new([0u8; 48]);
+        let mut master = zeroize::Zeroizing::new([0u8; 32]);
+        rand::rngs::OsRng.fill_bytes(jwt.as_mut_slice());
+        rand::rngs::OsRng.fill_bytes(master.as_mut_slice());
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let contents = zeroize::Zeroizing::new(format!(
+            "# Generated by `countersign serve --dev`. NOT FOR PRODUCTION. Losing this file\n\
+             # loses access to every wallet created with it.\n\
+             JWT_SECRET_KEY={}\nCOUNTERSIGN_MASTER_KEY={}\n",
+            b64.encode(jwt.as_slice()),
+            b64.encode(master.as_slice()),
+        ));
+        write_private_file(&path, contents.as_bytes()).map_err(io_err)?;
+        tracing::warn!(path = %path.display(), "DEV MODE: generated new secrets (do not use in production)");
+    } else {
+        tracing::warn!(path = %path.display(), "DEV MODE: using generated secrets (do not use in production)");
+    }
+    // Explicit environment variables win over the file.
+    dotenvy::from_path(&path).map_err(|e| ConfigError::Invalid {
+        name: "dev secrets file",
+        why: e.to_string(),
+    })?;
+    Ok(())
+}
+
+#[cfg(unix)]
+fn write_private_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+#[cfg(not(unix))]
+fn write_private_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    std::fs::write(path, bytes)
+}

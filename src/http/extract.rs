@@ -1,0 +1,311 @@
+//! Extractors: JSON bodies with field-named errors, request ids, and the two kinds of caller
+//! (users with a JWT, agents with an API key). Authentication failures are always JSON 401s.
+
+use aggregates::Address;
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use projections::{ApiKeyView, ViewKind};
+use secrecy::SecretString;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use super::error::ApiError;
+use crate::app::AppState;
+use crate::crypto::{ApiKeySecret, MAX_PASSWORD_LEN, MIN_PASSWORD_LEN};
+use crate::store::Actor;
+
+/// A JSON body. Malformed JSON, wrong types and unknown fields are 400s naming the field;
+/// an oversized body is a 413.
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    "request body exceeds 64 KiB",
+                )
+            } else {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e.body_text())
+            }
+        })?;
+        parse_json(&bytes).map(ApiJson)
+    }
+}
+
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            "request body must be a JSON object",
+        ));
+    }
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    let value: T = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let message = inner.to_string();
+        let field = if path == "." {
+            field_in_message(&message)
+        } else {
+            Some(path)
+        };
+        match field {
+            Some(field) if !inner.is_syntax() && !inner.is_eof() => {
+                ApiError::invalid(&field, message)
+            }
+            _ => ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", message),
+        }
+    })?;
+    Ok(value)
+}
+
+/// serde names the field in "missing field `x`" / "unknown field `x`" messages.
+fn field_in_message(message: &str) -> Option<String> {
+    let rest = message
+        .strip_prefix("missing field `")
+        .or_else(|| message.strip_prefix("unknown field `"))?;
+    rest.split('`').next().map(str::to_owned)
+}
+
+/// A query string, parsed like a JSON body (400 naming the field on error).
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let query = parts.uri.query().unwrap_or_default();
+        let de = serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
+        serde_path_to_error::deserialize(de)
+            .map(ApiQuery)
+            .map_err(|e| {
+                let path = e.path().to_string();
+                let message = e.into_inner().to_string();
+                let field = if path == "." {
+                    field_in_message(&message).unwrap_or_default()
+                } else {
+                    path
+                };
+                ApiError::invalid(&field, message)
+            })
+    }
+}
+
+/// The request id set by the request-id layer (or sent by the client).
+pub struct RequestId(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for RequestId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self(
+            parts
+                .headers
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("none")
+                .chars()
+                .take(128)
+                .collect(),
+        ))
+    }
+}
+
+/// A user authenticated by `Authorization: Bearer <jwt>`.
+pub struct AuthUser {
+    pub user_id: String,
+}
+
+impl AuthUser {
+    pub fn actor(&self) -> Actor {
+        Actor::user(&self.user_id)
+    }
+}
+
+fn bearer(parts: &Parts) -> Option<&str> {
+    parts
+        .headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+impl FromRequestParts<AppState> for AuthUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = bearer(parts).ok_or_else(|| {
+            ApiError::unauthorized("missing credentials: send Authorization: Bearer <token>")
+        })?;
+        let claims = state
+            .jwt
+            .verify(token)
+            .map_err(|_| ApiError::unauthorized("invalid or expired token"))?;
+        Ok(Self {
+            user_id: claims.sub,
+        })
+    }
+}
+
+/// An agent authenticated by `X-API-KEY`. Revocation takes effect on the next request: the
+/// key's view is read on every call.
+#[derive(Clone)]
+pub struct AuthAgent {
+    pub key: ApiKeyView,
+}
+
+impl AuthAgent {
+    pub fn actor(&self) -> Actor {
+        Actor::api_key(&self.key.api_key_id)
+    }
+
+    /// Whether this key may act on `wallet` (owned by `owner_user_id`).
+    pub fn may_use(&self, wallet: &Address, owner_user_id: &str) -> bool {
+        self.key.owner_user_id == owner_user_id && self.key.covers(wallet)
+    }
+}
+
+async fn agent_from_key(state: &AppState, key: &str) -> Result<AuthAgent, ApiError> {
+    let invalid = || ApiError::unauthorized("invalid or revoked API key");
+    if !ApiKeySecret::looks_valid(key) {
+        return Err(invalid());
+    }
+    let key_id = state
+        .db
+        .api_key_id_by_hash(&ApiKeySecret::hash_presented(key))
+        .await?
+        .ok_or_else(invalid)?;
+    let view: ApiKeyView = state
+        .db
+        .view(ViewKind::ApiKey, &key_id)
+        .await?
+        .ok_or_else(invalid)?;
+    if view.is_revoked() {
+        return Err(invalid());
+    }
+    Ok(AuthAgent { key: view })
+}
+
+impl FromRequestParts<AppState> for AuthAgent {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let key = parts
+            .headers
+            .get("x-api-key")
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| ApiError::unauthorized("missing credentials: send X-API-KEY"))?;
+        agent_from_key(state, key.trim()).await
+    }
+}
+
+/// Either kind of caller, for endpoints open to both. An API key wins if both are sent.
+pub enum Caller {
+    User(AuthUser),
+    Agent(AuthAgent),
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        if parts.headers.contains_key("x-api-key") {
+            AuthAgent::from_request_parts(parts, state)
+                .await
+                .map(Caller::Agent)
+        } else {
+            AuthUser::from_request_parts(parts, state)
+                .await
+                .map(Caller::User)
+        }
+    }
+}
+
+/// A password as sent by a client: never logged, zeroized on drop.
+pub struct Password(pub SecretString);
+
+impl<'de> Deserialize<'de> for Password {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.len() > MAX_PASSWORD_LEN {
+            return Err(serde::de::Error::custom(format!(
+                "password must be at most {MAX_PASSWORD_LEN} bytes"
+            )));
+        }
+        Ok(Self(SecretString::from(s)))
+    }
+}
+
+impl Password {
+    /// New passwords must be long enough; existing ones are only compared.
+    pub fn check_new(&self) -> Result<(), ApiError> {
+        use secrecy::ExposeSecret;
+        if self.0.expose_secret().chars().count() < MIN_PASSWORD_LEN {
+            return Err(ApiError::invalid(
+                "password",
+                format!("password must be at least {MIN_PASSWORD_LEN} characters"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A 6-digit TOTP code.
+pub struct MfaCode(pub String);
+
+impl<'de> Deserialize<'de> for MfaCode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.len() != 6 || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(serde::de::Error::custom("MFA code must be 6 digits"));
+        }
+        Ok(Self(s))
+    }
+}
+
+/// A string of bounded length (`N` characters at most).
+#[derive(Debug, Clone)]
+pub struct Bounded<const N: usize>(pub String);
+
+impl<'de, const N: usize> Deserialize<'de> for Bounded<N> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.chars().count() > N {
+            return Err(serde::de::Error::custom(format!(
+                "must be at most {N} characters"
+            )));
+        }
+        if s.chars().any(|c| c.is_control() && c != '\n') {
+            return Err(serde::de::Error::custom("must not contain control characters"));
+        }
+        Ok(Self(s))
+    }
+}
+
+/// A username: 3-64 characters of letters, digits, `_`, `.`, `-`.
+pub struct Username(pub String);
+
+impl<'de> Deserialize<'de> for Username {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let ok = (3..=64).contains(&s.len())
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+        if !ok {
+            return Err(serde::de::Error::custom(
+                "username must be 3-64 characters: letters, digits, '_', '.', '-'",
+            ));
+        }
+        Ok(Self(s))
+    }
+}

@@ -1,0 +1,129 @@
+//! The HTTP surface: routes (the Flask project's paths kept), middleware, JSON errors.
+
+mod api_keys;
+mod error;
+mod extract;
+mod transactions;
+mod users;
+mod wallets;
+
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::set_header::SetResponseHeaderLayer;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+pub use error::{ApiError, ApiResult};
+pub use extract::parse_json;
+
+use crate::app::AppState;
+
+pub const BODY_LIMIT: usize = 64 * 1024;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+const OPENAPI: &str = include_str!("../openapi.json");
+
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/register", post(users::register))
+        .route("/login", post(users::login))
+        .route("/me", get(users::me))
+        .route("/setup_mfa", post(users::setup_mfa))
+        .route("/confirm_mfa", post(users::confirm_mfa))
+        .route("/create_wallet", post(wallets::create_wallet))
+        .route("/wallets", get(wallets::list_wallets))
+        .route("/load_wallet", post(wallets::load_wallet))
+        .route("/api_keys", post(api_keys::issue).get(api_keys::list))
+        .route("/api_keys/{id}", delete(api_keys::revoke))
+        .route("/prepare_transaction", post(transactions::prepare))
+        .route("/authorize_transaction", post(transactions::authorize))
+        .route("/reject_transaction", post(transactions::reject))
+        .route("/execute_transaction", post(transactions::execute))
+        .route("/transaction_status", get(transactions::status))
+        .route("/transactions", get(transactions::list))
+        .route("/transactions/{id}/events", get(transactions::events))
+        .route("/openapi.json", get(openapi));
+
+    Router::new()
+        .nest("/api", api)
+        .route("/healthz", get(healthz))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(SetResponseHeaderLayer::overriding(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        ))
+        .layer(SetResponseHeaderLayer::overriding(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            REQUEST_TIMEOUT,
+        ))
+        .layer(CatchPanicLayer::custom(|_| {
+            ApiError::internal("handler panicked").into_response()
+        }))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        // Spans carry method, matched route and request id; never headers or bodies.
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
+                let route = req
+                    .extensions()
+                    .get::<axum::extract::MatchedPath>()
+                    .map(|p| p.as_str().to_owned())
+                    .unwrap_or_default();
+                let request_id = req
+                    .headers()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                tracing::info_span!("request", method = %req.method(), route, request_id)
+            }),
+        )
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+}
+
+async fn healthz(axum::extract::State(state): axum::extract::State<AppState>) -> impl IntoResponse {
+    match state.projector.catch_up().await {
+        Ok(position) => (
+            StatusCode::OK,
+            Json(serde_json::json!({"status": "ok", "position": position})),
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "health check failed");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the store is not reachable",
+            )
+            .into_response()
+        }
+    }
+}
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this endpoint",
+    )
+}

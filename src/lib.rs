@@ -1,0 +1,16 @@
+//! Countersign: a self-hosted wallet server where every agent transaction is countersigned by
+//! a human. This crate is the shell around the domain (`aggregates`) and read side
+//! (`projections`): configuration, storage, HTTP, chain access and cryptography.
+
+pub mod app;
+pub mod chain;
+pub mod config;
+pub mod crypto;
+pub mod http;
+pub mod projector;
+pub mod services;
+pub mod store;
+pub mod workers;
+
+pub use app::{AppState, Application};
+pub use config::Config;

@@ -1,0 +1,395 @@
+//! Storage: the backend chosen from `DATABASE_URL`, migrations, the cqrs-es event repository
+//! over either backend, and the tables that hold what must stay out of events (credentials and
+//! sealed secrets). The views themselves are in `projector`.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use cqrs_es::persist::{
+    PersistedEventRepository, PersistedEventStore, PersistenceError, ReplayStream,
+    SerializedEvent, SerializedSnapshot,
+};
+use cqrs_es::{Aggregate, CqrsFramework};
+use postgres_es::PostgresEventRepository;
+use serde_json::Value;
+use sqlite_es::SqliteEventRepository;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{PgPool, SqlitePool};
+
+/// Run `$body` with `$pool` bound to the concrete pool of either backend. The body is compiled
+/// once per backend, so the same SQL text must be valid on both (sqlx accepts `$N` on SQLite).
+macro_rules! with_pool {
+    ($db:expr, |$pool:ident| $body:expr) => {
+        match $db {
+            $crate::store::Db::Postgres($pool) => $body,
+            $crate::store::Db::Sqlite($pool) => $body,
+        }
+    };
+}
+pub(crate) use with_pool;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("DATABASE_URL has unsupported scheme {0:?}: use postgres://, postgresql:// or sqlite://")]
+    UnknownScheme(String),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+/// A connection pool to the configured backend.
+#[derive(Clone, Debug)]
+pub enum Db {
+    Postgres(PgPool),
+    Sqlite(SqlitePool),
+}
+
+impl Db {
+    /// Connect to the database named by `url`. The scheme picks the backend; anything else is an
+    /// error, never a silent fallback to a fresh embedded database.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
+        match scheme {
+            "postgres" | "postgresql" => {
+                let options = PgConnectOptions::from_str(url)?;
+                let pool = PgPoolOptions::new()
+                    .max_connections(16)
+                    .acquire_timeout(Duration::from_secs(10))
+                    // A dead connection fails its query and is replaced; no ping per checkout.
+                    .test_before_acquire(false)
+                    .connect_with(options)
+                    .await?;
+                Ok(Self::Postgres(pool))
+            }
+            "sqlite" => {
+                let options = SqliteConnectOptions::from_str(url)?
+                    .create_if_missing(true)
+                    .journal_mode(SqliteJournalMode::Wal)
+                    // FULL: a committed event survives power loss, not only a process crash.
+                    .synchronous(SqliteSynchronous::Full)
+                    .busy_timeout(Duration::from_secs(10))
+                    .foreign_keys(true);
+                let pool = SqlitePoolOptions::new()
+                    .max_connections(8)
+                    .connect_with(options)
+                    .await?;
+                Ok(Self::Sqlite(pool))
+            }
+            other => Err(StoreError::UnknownScheme(other.to_owned())),
+        }
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self {
+            Self::Postgres(_) => Backend::Postgres,
+            Self::Sqlite(_) => Backend::Sqlite,
+        }
+    }
+
+    /// Apply pending migrations (idempotent; serialized across instances on Postgres).
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        match self {
+            Self::Postgres(pool) => sqlx::migrate!("migrations/postgres").run(pool).await?,
+            Self::Sqlite(pool) => sqlx::migrate!("migrations/sqlite").run(pool).await?,
+        }
+        Ok(())
+    }
+
+    pub fn event_repository(&self) -> EventRepository {
+        match self {
+            Self::Postgres(pool) => EventRepository::Postgres(PostgresEventRepository::new(pool.clone())),
+            Self::Sqlite(pool) => EventRepository::Sqlite(SqliteEventRepository::new(pool.clone())),
+        }
+    }
+
+    pub async fn close(&self) {
+        with_pool!(self, |pool| pool.close().await)
+    }
+
+    // ---- credentials and sealed secrets (never in events) ----
+
+    /// Reserve a username for a new user. `Ok(false)` if the name is taken (case-insensitive).
+    pub async fn insert_user_credentials(
+        &self,
+        user_id: &str,
+        username: &str,
+        password_hash: &str,
+    ) -> Result<bool, StoreError> {
+        let result = with_pool!(self, |pool| sqlx::query(
+            "INSERT INTO user_credentials (user_id, username, username_key, password_hash) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (username_key) DO NOTHING"
+        )
+        .bind(user_id)
+        .bind(username)
+        .bind(username.to_lowercase())
+        .bind(password_hash)
+        .execute(pool)
+        .await?
+        .rows_affected());
+        Ok(result == 1)
+    }
+
+    pub async fn delete_user_credentials(&self, user_id: &str) -> Result<(), StoreError> {
+        with_pool!(self, |pool| {
+            sqlx::query(
+                "DELETE FROM user_credentials WHERE user_id = $1"
+            )
+            .bind(user_id)
+            .execute(pool)
+            .await?;
+        });
+        Ok(())
+    }
+
+    /// `(user_id, password_hash)` for a username.
+    pub async fn user_credentials_by_name(
+        &self,
+        username: &str,
+    ) -> Result<Option<(String, String)>, StoreError> {
+        Ok(with_pool!(self, |pool| sqlx::query_as(
+            "SELECT user_id, password_hash FROM user_credentials WHERE username_key = $1"
+        )
+        .bind(username.to_lowercase())
+        .fetch_optional(pool)
+        .await?))
+    }
+
+    pub async fn password_hash(&self, user_id: &str) -> Result<Option<String>, StoreError> {
+        Ok(with_pool!(self, |pool| sqlx::query_scalar(
+            "SELECT password_hash FROM user_credentials WHERE user_id = $1"
+        )
+        .bind(user_id)
+        .fetch_optional(pool)
+        .await?))
+    }
+
+    pub async fn insert_mfa_secret(
+        &self,
+        secret_id: &str,
+        user_id: &str,
+        sealed: &[u8],
+    ) -> Result<(), StoreError> {
+        with_pool!(self, |pool| {
+            sqlx::query(
+                "INSERT INTO mfa_secrets (secret_id, user_id, sealed) VALUES ($1, $2, $3)"
+            )
+            .bind(secret_id)
+            .bind(user_id)
+            .bind(sealed)
+            .execute(pool)
+            .await?;
+        });
+        Ok(())
+    }
+
+    /// The sealed secret, only if it belongs to `user_id`.
+    pub async fn mfa_secret(
+        &self,
+        secret_id: &str,
+        user_id: &str,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(with_pool!(self, |pool| sqlx::query_scalar(
+            "SELECT sealed FROM mfa_secrets WHERE secret_id = $1 AND user_id = $2"
+        )
+        .bind(secret_id)
+        .bind(user_id)
+        .fetch_optional(pool)
+        .await?))
+    }
+
+    pub async fn insert_wallet_key(
+        &self,
+        wallet_address: &str,
+        owner_user_id: &str,
+        sealed: &[u8],
+    ) -> Result<(), StoreError> {
+        with_pool!(self, |pool| {
+            sqlx::query(
+                "INSERT INTO wallet_keys (wallet_address, owner_user_id, sealed) VALUES ($1, $2, $3)"
+            )
+            .bind(wallet_address)
+            .bind(owner_user_id)
+            .bind(sealed)
+            .execute(pool)
+            .await?;
+        });
+        Ok(())
+    }
+
+    /// `(owner_user_id, sealed key)` of a wallet.
+    pub async fn wallet_key(
+        &self,
+        wallet_address: &str,
+    ) -> Result<Option<(String, Vec<u8>)>, StoreError> {
+        Ok(with_pool!(self, |pool| sqlx::query_as(
+            "SELECT owner_user_id, sealed FROM wallet_keys WHERE wallet_address = $1"
+        )
+        .bind(wallet_address)
+        .fetch_optional(pool)
+        .await?))
+    }
+
+    pub async fn insert_api_key_credentials(
+        &self,
+        api_key_id: &str,
+        key_hash: &str,
+    ) -> Result<(), StoreError> {
+        with_pool!(self, |pool| {
+            sqlx::query(
+                "INSERT INTO api_key_credentials (api_key_id, key_hash) VALUES ($1, $2)"
+            )
+            .bind(api_key_id)
+            .bind(key_hash)
+            .execute(pool)
+            .await?;
+        });
+        Ok(())
+    }
+
+    pub async fn api_key_id_by_hash(&self, key_hash: &str) -> Result<Option<String>, StoreError> {
+        Ok(with_pool!(self, |pool| sqlx::query_scalar(
+            "SELECT api_key_id FROM api_key_credentials WHERE key_hash = $1"
+        )
+        .bind(key_hash)
+        .fetch_optional(pool)
+        .await?))
+    }
+
+    /// The `TransactionExecuted` payload of a transaction, if it was executed.
+    pub async fn executed_event(&self, transaction_id: &str) -> Result<Option<Value>, StoreError> {
+        let payload: Option<Value> = with_pool!(self, |pool| sqlx::query_scalar(
+            "SELECT payload FROM events WHERE aggregate_type = 'Transaction' \
+             AND aggregate_id = $1 AND event_type = 'TransactionExecuted'"
+        )
+        .bind(transaction_id)
+        .fetch_optional(pool)
+        .await?);
+        Ok(payload.and_then(|mut p| p.get_mut("TransactionExecuted").map(Value::take)))
+    }
+}
+
+/// The cqrs-es event repository over either backend (the plain event store only: the 0.5
+/// snapshot and aggregate stores apply events twice).
+pub enum EventRepository {
+    Postgres(PostgresEventRepository),
+    Sqlite(SqliteEventRepository),
+}
+
+macro_rules! delegate {
+    ($self:ident, |$repo:ident| $body:expr) => {
+        match $self {
+            EventRepository::Postgres($repo) => $body,
+            EventRepository::Sqlite($repo) => $body,
+        }
+    };
+}
+
+impl PersistedEventRepository for EventRepository {
+    async fn get_events<A: Aggregate>(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<Vec<SerializedEvent>, PersistenceError> {
+        delegate!(self, |r| r.get_events::<A>(aggregate_id).await)
+    }
+
+    async fn get_last_events<A: Aggregate>(
+        &self,
+        aggregate_id: &str,
+        last_sequence: usize,
+    ) -> Result<Vec<SerializedEvent>, PersistenceError> {
+        delegate!(self, |r| r
+            .get_last_events::<A>(aggregate_id, last_sequence)
+            .await)
+    }
+
+    async fn get_snapshot<A: Aggregate>(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<Option<SerializedSnapshot>, PersistenceError> {
+        delegate!(self, |r| r.get_snapshot::<A>(aggregate_id).await)
+    }
+
+    async fn persist<A: Aggregate>(
+        &self,
+        events: &[SerializedEvent],
+        snapshot_update: Option<(String, Value, usize)>,
+    ) -> Result<(), PersistenceError> {
+        delegate!(self, |r| r.persist::<A>(events, snapshot_update).await)
+    }
+
+    async fn stream_events<A: Aggregate>(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<ReplayStream, PersistenceError> {
+        delegate!(self, |r| r.stream_events::<A>(aggregate_id).await)
+    }
+
+    async fn stream_all_events<A: Aggregate>(&self) -> Result<ReplayStream, PersistenceError> {
+        delegate!(self, |r| r.stream_all_events::<A>().await)
+    }
+}
+
+pub type Cqrs<A> = CqrsFramework<A, PersistedEventStore<EventRepository, A>>;
+
+/// A command framework for `A` on `db`, with no query processors: views are kept by the
+/// projector from the event log, which never misses an event.
+pub fn cqrs<A: Aggregate>(db: &Db, services: A::Services) -> Cqrs<A> {
+    CqrsFramework::new(
+        PersistedEventStore::new_event_store(db.event_repository()),
+        vec![],
+        services,
+    )
+}
+
+/// Command metadata stored with every event: who, which request, when.
+#[derive(Debug, Clone)]
+pub struct Actor {
+    pub kind: &'static str,
+    pub id: String,
+}
+
+impl Actor {
+    pub fn user(id: impl Into<String>) -> Self {
+        Self {
+            kind: "user",
+            id: id.into(),
+        }
+    }
+
+    pub fn api_key(id: impl Into<String>) -> Self {
+        Self {
+            kind: "api_key",
+            id: id.into(),
+        }
+    }
+
+    pub fn system(name: &str) -> Self {
+        Self {
+            kind: "system",
+            id: name.to_owned(),
+        }
+    }
+
+    pub fn metadata(&self, request_id: &str) -> HashMap<String, String> {
+        let now = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        HashMap::from([
+            ("actor".to_owned(), self.id.clone()),
+            ("actor_type".to_owned(), self.kind.to_owned()),
+            ("request_id".to_owned(), request_id.to_owned()),
+            ("time".to_owned(), now),
+        ])
+    }
+}

@@ -1,0 +1,151 @@
+//! Background workers: projection catch-up (events from other nodes, crash recovery), expiry of
+//! unanswered prompts, and receipt tracking with rebroadcast of signed-but-unseen transactions.
+//! Each runs on every node; the aggregates make their commands safe to race.
+
+use aggregates::{ReceiptOutcome, TransactionCommand};
+use projections::{TransactionView, ViewKind};
+use time::OffsetDateTime;
+use tokio::task::JoinHandle;
+
+use crate::app::AppState;
+use crate::chain::ChainError;
+use crate::store::Actor;
+
+pub fn spawn_all(state: AppState) -> Vec<JoinHandle<()>> {
+    vec![
+        tokio::spawn(projection_loop(state.clone())),
+        tokio::spawn(expiry_loop(state.clone())),
+        tokio::spawn(receipt_loop(state)),
+    ]
+}
+
+async fn projection_loop(state: AppState) {
+    let mut tick = tokio::time::interval(state.poll_interval);
+    loop {
+        tick.tick().await;
+        if let Err(e) = state.projector.catch_up().await {
+            tracing::error!(error = %e, "projection catch-up failed");
+        }
+    }
+}
+
+async fn expiry_loop(state: AppState) {
+    let mut tick = tokio::time::interval(state.poll_interval);
+    loop {
+        tick.tick().await;
+        if let Err(e) = expire_due(&state).await {
+            tracing::warn!(error = %e.message, "expiry pass failed");
+        }
+    }
+}
+
+/// Record `TransactionExpired` for every pending prompt past its deadline.
+pub async fn expire_due(state: &AppState) -> Result<(), crate::http::ApiError> {
+    let now = OffsetDateTime::now_utc();
+    let pending: Vec<TransactionView> = state
+        .db
+        .views_in_status(ViewKind::Transaction, "pending_authorization")
+        .await?;
+    let actor = Actor::system("expiry");
+    for view in pending {
+        let due = OffsetDateTime::parse(
+            &view.expires_at,
+            &time::format_description::well_known::Rfc3339,
+        )
+        .is_ok_and(|at| at <= now);
+        if due {
+            // Losing a race to an authorize or reject is fine: the aggregate refuses.
+            let _ = state
+                .execute(
+                    &state.transactions,
+                    &view.transaction_id,
+                    TransactionCommand::Expire { now },
+                    &actor,
+                    "expiry",
+                )
+                .await;
+        }
+    }
+    Ok(())
+}
+
+async fn receipt_loop(state: AppState) {
+    let mut tick = tokio::time::interval(state.poll_interval);
+    loop {
+        tick.tick().await;
+        if let Err(e) = track_receipts(&state).await {
+            tracing::warn!(error = %e.message, "receipt pass failed");
+        }
+    }
+}
+
+/// For each executed transaction: record its receipt once mined; if the node has never seen
+/// it (crash between signing and broadcast, node restart), rebroadcast the same signed bytes.
+pub async fn track_receipts(state: &AppState) -> Result<(), crate::http::ApiError> {
+    let executed: Vec<TransactionView> = state
+        .db
+        .views_in_status(ViewKind::Transaction, "executed")
+        .await?;
+    let actor = Actor::system("receipts");
+    for view in executed {
+        let Some(tx_hash) = view.tx_hash.as_deref() else {
+            continue;
+        };
+        let now = OffsetDateTime::now_utc();
+        let command = match state.chain.receipt(tx_hash).await {
+            Ok(Some(r)) if r.success => TransactionCommand::RecordReceipt {
+                outcome: ReceiptOutcome::Confirmed {
+                    block_number: r.block_number,
+                    gas_used: r.gas_used,
+                    effective_gas_price: r.effective_gas_price,
+                },
+                now,
+            },
+            Ok(Some(r)) => TransactionCommand::RecordReceipt {
+                outcome: ReceiptOutcome::Reverted {
+                    block_number: r.block_number,
+                },
+                now,
+            },
+            Ok(None) => match rebroadcast_if_unknown(state, &view.transaction_id, tx_hash).await {
+                Ok(()) => continue,
+                Err(ChainError::Rejected(reason)) => TransactionCommand::Fail {
+                    reason: format!("broadcast rejected: {reason}"),
+                    now,
+                },
+                Err(ChainError::Unavailable(_)) => return Ok(()),
+            },
+            Err(ChainError::Unavailable(_)) => return Ok(()),
+            Err(e) => {
+                tracing::warn!(error = %e, tx_hash, "receipt lookup failed");
+                continue;
+            }
+        };
+        let _ = state
+            .execute(&state.transactions, &view.transaction_id, command, &actor, "receipts")
+            .await;
+    }
+    Ok(())
+}
+
+async fn rebroadcast_if_unknown(
+    state: &AppState,
+    transaction_id: &str,
+    tx_hash: &str,
+) -> Result<(), ChainError> {
+    if state.chain.is_known(tx_hash).await? {
+        return Ok(());
+    }
+    let raw = state
+        .db
+        .executed_event(transaction_id)
+        .await
+        .map_err(|e| ChainError::Unavailable(e.to_string()))?
+        .and_then(|e| e.get("raw_transaction").and_then(|r| r.as_str().map(str::to_owned)))
+        .and_then(|hex| hex.parse::<aggregates::HexBytes>().ok());
+    let Some(raw) = raw else {
+        return Ok(());
+    };
+    tracing::info!(tx_hash, "rebroadcasting signed transaction the node does not know");
+    state.chain.send_raw(raw.as_slice()).await
+}
