@@ -138,7 +138,9 @@ impl Chain {
     pub async fn send_raw(&self, raw: &[u8]) -> Result<(), ChainError> {
         match timed(self.provider.send_raw_transaction(raw)).await {
             Ok(_) => Ok(()),
-            Err(ChainError::Rejected(msg)) if msg.to_lowercase().contains("already known") => Ok(()),
+            Err(ChainError::Rejected(msg)) if msg.to_lowercase().contains("already known") => {
+                Ok(())
+            }
             Err(e) => Err(e),
         }
     }
@@ -178,7 +180,10 @@ impl KeyringSigner {
     }
 
     /// Generate a wallet key, seal it bound to its address and owner, and store it.
-    pub async fn create_key(&self, owner_user_id: &str) -> Result<Address, crate::store::StoreError> {
+    pub async fn create_key(
+        &self,
+        owner_user_id: &str,
+    ) -> Result<Address, crate::store::StoreError> {
         let signer = PrivateKeySigner::random();
         let address = from_alloy(signer.address());
         let secret = Zeroizing::new(signer.to_bytes().0);

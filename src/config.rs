@@ -124,7 +124,10 @@ impl Config {
         Ok(Self {
             database_url: var("DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned()),
             chain_url,
-            addr: parse_var("COUNTERSIGN_ADDR", DEFAULT_ADDR.parse().expect("valid default"))?,
+            addr: parse_var(
+                "COUNTERSIGN_ADDR",
+                DEFAULT_ADDR.parse().expect("valid default"),
+            )?,
             jwt_secret: SecretString::from(jwt_secret),
             jwt_ttl: Duration::from_secs(jwt_ttl),
             master_key,

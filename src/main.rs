@@ -10,7 +10,11 @@ use countersign::{Application, Config};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "countersign", version, about = "Wallet server for AI agents, countersigned by humans")]
+#[command(
+    name = "countersign",
+    version,
+    about = "Wallet server for AI agents, countersigned by humans"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -71,8 +75,7 @@ async fn shutdown_signal() {
     };
     #[cfg(unix)]
     let terminate = async {
-        if let Ok(mut s) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         {
             s.recv().await;
         }

@@ -154,11 +154,13 @@ impl Projector {
                 };
                 let current = match docs.get(&key) {
                     Some((doc, _)) => Some(doc.payload.clone()),
-                    None => sqlx::query_scalar("SELECT payload FROM views WHERE kind = $1 AND id = $2")
-                        .bind(key.0.as_str())
-                        .bind(&key.1)
-                        .fetch_optional(&mut *tx)
-                        .await?,
+                    None => {
+                        sqlx::query_scalar("SELECT payload FROM views WHERE kind = $1 AND id = $2")
+                            .bind(key.0.as_str())
+                            .bind(&key.1)
+                            .fetch_optional(&mut *tx)
+                            .await?
+                    }
                 };
                 let doc = projections::apply(key.0, current, &event)?;
                 docs.insert(key, (doc, event.position));
@@ -240,13 +242,15 @@ impl Db {
         kind: ViewKind,
         status: &str,
     ) -> Result<Vec<T>, StoreError> {
-        let rows: Vec<Value> = with_pool!(self, |pool| sqlx::query_scalar(
+        let rows: Vec<Value> = with_pool!(self, |pool| {
+            sqlx::query_scalar(
             "SELECT payload FROM views WHERE kind = $1 AND status = $2 ORDER BY position LIMIT 10000"
         )
         .bind(kind.as_str())
         .bind(status)
         .fetch_all(pool)
-        .await?);
+        .await?
+        });
         rows.into_iter().map(decode_view).collect()
     }
 
@@ -269,7 +273,11 @@ impl Db {
     }
 
     /// Events after `position` in commit order.
-    pub async fn events_after(&self, position: i64, limit: i64) -> Result<Vec<StoredEvent>, StoreError> {
+    pub async fn events_after(
+        &self,
+        position: i64,
+        limit: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
         let sql = format!(
             "SELECT {} FROM events WHERE position > $1 ORDER BY position LIMIT $2",
             event_columns(self.backend())

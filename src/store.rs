@@ -7,8 +7,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use cqrs_es::persist::{
-    PersistedEventRepository, PersistedEventStore, PersistenceError, ReplayStream,
-    SerializedEvent, SerializedSnapshot,
+    PersistedEventRepository, PersistedEventStore, PersistenceError, ReplayStream, SerializedEvent,
+    SerializedSnapshot,
 };
 use cqrs_es::{Aggregate, CqrsFramework};
 use postgres_es::PostgresEventRepository;
@@ -32,7 +32,9 @@ pub(crate) use with_pool;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("DATABASE_URL has unsupported scheme {0:?}: use postgres://, postgresql:// or sqlite://")]
+    #[error(
+        "DATABASE_URL has unsupported scheme {0:?}: use postgres://, postgresql:// or sqlite://"
+    )]
     UnknownScheme(String),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
@@ -108,7 +110,9 @@ impl Db {
 
     pub fn event_repository(&self) -> EventRepository {
         match self {
-            Self::Postgres(pool) => EventRepository::Postgres(PostgresEventRepository::new(pool.clone())),
+            Self::Postgres(pool) => {
+                EventRepository::Postgres(PostgresEventRepository::new(pool.clone()))
+            }
             Self::Sqlite(pool) => EventRepository::Sqlite(SqliteEventRepository::new(pool.clone())),
         }
     }
@@ -142,12 +146,10 @@ impl Db {
 
     pub async fn delete_user_credentials(&self, user_id: &str) -> Result<(), StoreError> {
         with_pool!(self, |pool| {
-            sqlx::query(
-                "DELETE FROM user_credentials WHERE user_id = $1"
-            )
-            .bind(user_id)
-            .execute(pool)
-            .await?;
+            sqlx::query("DELETE FROM user_credentials WHERE user_id = $1")
+                .bind(user_id)
+                .execute(pool)
+                .await?;
         });
         Ok(())
     }
@@ -181,14 +183,12 @@ impl Db {
         sealed: &[u8],
     ) -> Result<(), StoreError> {
         with_pool!(self, |pool| {
-            sqlx::query(
-                "INSERT INTO mfa_secrets (secret_id, user_id, sealed) VALUES ($1, $2, $3)"
-            )
-            .bind(secret_id)
-            .bind(user_id)
-            .bind(sealed)
-            .execute(pool)
-            .await?;
+            sqlx::query("INSERT INTO mfa_secrets (secret_id, user_id, sealed) VALUES ($1, $2, $3)")
+                .bind(secret_id)
+                .bind(user_id)
+                .bind(sealed)
+                .execute(pool)
+                .await?;
         });
         Ok(())
     }
@@ -246,13 +246,11 @@ impl Db {
         key_hash: &str,
     ) -> Result<(), StoreError> {
         with_pool!(self, |pool| {
-            sqlx::query(
-                "INSERT INTO api_key_credentials (api_key_id, key_hash) VALUES ($1, $2)"
-            )
-            .bind(api_key_id)
-            .bind(key_hash)
-            .execute(pool)
-            .await?;
+            sqlx::query("INSERT INTO api_key_credentials (api_key_id, key_hash) VALUES ($1, $2)")
+                .bind(api_key_id)
+                .bind(key_hash)
+                .execute(pool)
+                .await?;
         });
         Ok(())
     }

@@ -122,7 +122,13 @@ pub async fn track_receipts(state: &AppState) -> Result<(), crate::http::ApiErro
             }
         };
         let _ = state
-            .execute(&state.transactions, &view.transaction_id, command, &actor, "receipts")
+            .execute(
+                &state.transactions,
+                &view.transaction_id,
+                command,
+                &actor,
+                "receipts",
+            )
             .await;
     }
     Ok(())
@@ -141,11 +147,17 @@ async fn rebroadcast_if_unknown(
         .executed_event(transaction_id)
         .await
         .map_err(|e| ChainError::Unavailable(e.to_string()))?
-        .and_then(|e| e.get("raw_transaction").and_then(|r| r.as_str().map(str::to_owned)))
+        .and_then(|e| {
+            e.get("raw_transaction")
+                .and_then(|r| r.as_str().map(str::to_owned))
+        })
         .and_then(|hex| hex.parse::<aggregates::HexBytes>().ok());
     let Some(raw) = raw else {
         return Ok(());
     };
-    tracing::info!(tx_hash, "rebroadcasting signed transaction the node does not know");
+    tracing::info!(
+        tx_hash,
+        "rebroadcasting signed transaction the node does not know"
+    );
     state.chain.send_raw(raw.as_slice()).await
 }

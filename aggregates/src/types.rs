@@ -311,7 +311,10 @@ mod tests {
     #[test]
     fn amounts_parse_strictly() {
         assert_eq!("0010".parse::<Amount>().unwrap().as_str(), "10");
-        assert_eq!(U256_MAX_DECIMAL.parse::<Amount>().unwrap().as_str(), U256_MAX_DECIMAL);
+        assert_eq!(
+            U256_MAX_DECIMAL.parse::<Amount>().unwrap().as_str(),
+            U256_MAX_DECIMAL
+        );
         let over = "115792089237316195423570985008687907853269984665640564039457584007913129639936";
         assert_eq!(over.parse::<Amount>(), Err(ParseError::AmountOverflow));
         for bad in ["", "-1", "1.5", "1e18", " 1", "0x10"] {
@@ -330,7 +333,10 @@ mod tests {
         let a: Amount = "258".parse().unwrap();
         let bytes = a.to_be_bytes();
         assert_eq!(&bytes[30..], &[1, 2]);
-        assert_eq!(U256_MAX_DECIMAL.parse::<Amount>().unwrap().to_be_bytes(), [0xff; 32]);
+        assert_eq!(
+            U256_MAX_DECIMAL.parse::<Amount>().unwrap().to_be_bytes(),
+            [0xff; 32]
+        );
         let eth: Amount = "1500000000000000000".parse().unwrap();
         assert_eq!(eth.to_units(18), "1.5");
         assert_eq!(Amount::from(5).to_units(2), "0.05");

@@ -26,10 +26,7 @@ pub enum UserCommand {
         now: OffsetDateTime,
     },
     /// Activate the pending secret with a code it generated.
-    ConfirmMfa {
-        code: String,
-        now: OffsetDateTime,
-    },
+    ConfirmMfa { code: String, now: OffsetDateTime },
     /// Spend a code to authorize an MFA-protected action (`purpose` says which).
     UseMfaCode {
         code: String,
@@ -208,7 +205,10 @@ impl Aggregate for User {
                 sink.write(started, self).await;
             }
             UserCommand::ConfirmMfa { code, now } => {
-                let pending = self.pending_secret_id.clone().ok_or(UserError::NoPendingMfa)?;
+                let pending = self
+                    .pending_secret_id
+                    .clone()
+                    .ok_or(UserError::NoPendingMfa)?;
                 let step = self.spend_code(verifier, &pending, &code, now).await?;
                 let event = UserEvent::MfaEnabled {
                     secret_id: pending,
@@ -219,7 +219,10 @@ impl Aggregate for User {
                 sink.write(event, self).await;
             }
             UserCommand::UseMfaCode { code, purpose, now } => {
-                let active = self.active_secret_id.clone().ok_or(UserError::MfaNotEnabled)?;
+                let active = self
+                    .active_secret_id
+                    .clone()
+                    .ok_or(UserError::MfaNotEnabled)?;
                 let step = self.spend_code(verifier, &active, &code, now).await?;
                 let event = UserEvent::MfaCodeAccepted {
                     step,

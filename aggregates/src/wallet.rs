@@ -106,7 +106,9 @@ mod tests {
     #[test]
     fn a_wallet_is_created_once() {
         let now = datetime!(2026-01-01 12:00 UTC);
-        let address: Address = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed".parse().unwrap();
+        let address: Address = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"
+            .parse()
+            .unwrap();
         let cmd = WalletCommand::Create {
             wallet_address: address,
             owner_user_id: "u1".into(),

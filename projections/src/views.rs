@@ -303,7 +303,14 @@ impl View for ApiKeyView {
             owner_user_id: Some(self.owner_user_id.clone()),
             wallet_address: None,
             api_key_id: Some(self.api_key_id.clone()),
-            status: Some(if self.is_revoked() { "revoked" } else { "active" }.to_owned()),
+            status: Some(
+                if self.is_revoked() {
+                    "revoked"
+                } else {
+                    "active"
+                }
+                .to_owned(),
+            ),
             payload,
         }
     }

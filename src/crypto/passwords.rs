@@ -80,11 +80,12 @@ mod tests {
             .await
             .unwrap();
         assert!(hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"));
-        assert!(
-            verify_password(SecretString::from("correct horse battery"), Some(hash.clone()))
-                .await
-                .unwrap()
-        );
+        assert!(verify_password(
+            SecretString::from("correct horse battery"),
+            Some(hash.clone())
+        )
+        .await
+        .unwrap());
         assert!(
             !verify_password(SecretString::from("wrong password!!"), Some(hash))
                 .await

@@ -101,7 +101,9 @@ mod tests {
     fn enrollment_has_uri_and_qr() {
         let s = TotpSecret::generate();
         let e = s.enrollment("alice").unwrap();
-        assert!(e.otpauth_uri.starts_with("otpauth://totp/Countersign:alice?"));
+        assert!(e
+            .otpauth_uri
+            .starts_with("otpauth://totp/Countersign:alice?"));
         assert!(!e.qr_png_base64.is_empty());
     }
 }

@@ -50,8 +50,9 @@ pub async fn issue(
                 .view(ViewKind::Wallet, &address.to_checksum())
                 .await?;
             if !wallet.is_some_and(|w| w.owner_user_id == user.user_id) {
-                return Err(ApiError::not_found("wallet")
-                    .with_field(format!("wallet_addresses[{i}]")));
+                return Err(
+                    ApiError::not_found("wallet").with_field(format!("wallet_addresses[{i}]"))
+                );
             }
         }
     }
@@ -70,7 +71,13 @@ pub async fn issue(
         now: OffsetDateTime::now_utc(),
     };
     state
-        .execute(&state.api_keys, &api_key_id, command, &user.actor(), &request_id)
+        .execute(
+            &state.api_keys,
+            &api_key_id,
+            command,
+            &user.actor(),
+            &request_id,
+        )
         .await?;
     Ok((
         StatusCode::CREATED,
@@ -105,7 +112,13 @@ pub async fn revoke(
         now: OffsetDateTime::now_utc(),
     };
     state
-        .execute(&state.api_keys, &api_key_id, command, &user.actor(), &request_id)
+        .execute(
+            &state.api_keys,
+            &api_key_id,
+            command,
+            &user.actor(),
+            &request_id,
+        )
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -286,7 +286,9 @@ impl<'de, const N: usize> Deserialize<'de> for Bounded<N> {
             )));
         }
         if s.chars().any(|c| c.is_control() && c != '\n') {
-            return Err(serde::de::Error::custom("must not contain control characters"));
+            return Err(serde::de::Error::custom(
+                "must not contain control characters",
+            ));
         }
         Ok(Self(s))
     }

@@ -214,7 +214,13 @@ pub async fn prepare(
         expires_at,
     });
     state
-        .execute(&state.transactions, &transaction_id, command, &agent.actor(), &request_id)
+        .execute(
+            &state.transactions,
+            &transaction_id,
+            command,
+            &agent.actor(),
+            &request_id,
+        )
         .await?;
     Ok((
         StatusCode::CREATED,
@@ -292,7 +298,13 @@ pub async fn authorize(
         now: OffsetDateTime::now_utc(),
     };
     state
-        .execute(&state.transactions, &id, command, &user.actor(), &request_id)
+        .execute(
+            &state.transactions,
+            &id,
+            command,
+            &user.actor(),
+            &request_id,
+        )
         .await?;
     Ok(Json(json!({"transaction_id": id, "status": "authorized"})))
 }
@@ -317,7 +329,13 @@ pub async fn reject(
         now: OffsetDateTime::now_utc(),
     };
     state
-        .execute(&state.transactions, &id, command, &user.actor(), &request_id)
+        .execute(
+            &state.transactions,
+            &id,
+            command,
+            &user.actor(),
+            &request_id,
+        )
         .await?;
     Ok(Json(json!({"transaction_id": id, "status": "rejected"})))
 }
@@ -385,7 +403,13 @@ pub async fn execute(
         Err(ChainError::Rejected(reason)) => {
             let reason = format!("simulation failed: {reason}");
             state
-                .execute(&state.transactions, &id, fail(reason.clone()), &actor, &request_id)
+                .execute(
+                    &state.transactions,
+                    &id,
+                    fail(reason.clone()),
+                    &actor,
+                    &request_id,
+                )
                 .await?;
             return Err(ApiError::conflict("simulation_failed", reason));
         }
@@ -394,16 +418,22 @@ pub async fn execute(
     let gas_limit = gas + gas * GAS_MARGIN_PERCENT / 100;
     let (max_fee_per_gas, max_priority_fee_per_gas) = state.chain.fees().await?;
     let balance = state.chain.balance(&payload.from).await?;
-    let max_cost = value
-        .saturating_add(alloy::primitives::U256::from(gas_limit).saturating_mul(
-            alloy::primitives::U256::from(max_fee_per_gas),
-        ));
+    let max_cost = value.saturating_add(
+        alloy::primitives::U256::from(gas_limit)
+            .saturating_mul(alloy::primitives::U256::from(max_fee_per_gas)),
+    );
     if balance < max_cost {
         let reason = format!(
             "insufficient funds: balance {balance} wei, value plus maximum gas cost {max_cost} wei"
         );
         state
-            .execute(&state.transactions, &id, fail(reason.clone()), &actor, &request_id)
+            .execute(
+                &state.transactions,
+                &id,
+                fail(reason.clone()),
+                &actor,
+                &request_id,
+            )
             .await?;
         return Err(ApiError::conflict("insufficient_funds", reason));
     }
@@ -446,9 +476,19 @@ pub async fn execute(
             *next_nonce = None;
             let reason = format!("broadcast rejected: {reason}");
             state
-                .execute(&state.transactions, &id, fail(reason.clone()), &actor, &request_id)
+                .execute(
+                    &state.transactions,
+                    &id,
+                    fail(reason.clone()),
+                    &actor,
+                    &request_id,
+                )
                 .await?;
-            return Err(ApiError::new(StatusCode::BAD_GATEWAY, "broadcast_rejected", reason));
+            return Err(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "broadcast_rejected",
+                reason,
+            ));
         }
         // Signed and recorded: the receipt worker rebroadcasts the same bytes when it can.
         Err(ChainError::Unavailable(e)) => {
@@ -511,7 +551,12 @@ pub async fn list(
     };
     let transactions: Vec<TransactionView> = state
         .db
-        .views_by(ViewKind::Transaction, column, value, query.status.as_deref())
+        .views_by(
+            ViewKind::Transaction,
+            column,
+            value,
+            query.status.as_deref(),
+        )
         .await?;
     Ok(Json(json!({ "transactions": transactions })))
 }
@@ -526,11 +571,7 @@ pub async fn events(
     let events: Vec<Value> = events
         .into_iter()
         .map(|e| {
-            let data = e
-                .payload
-                .get(&e.event_type)
-                .cloned()
-                .unwrap_or(Value::Null);
+            let data = e.payload.get(&e.event_type).cloned().unwrap_or(Value::Null);
             json!({
                 "position": e.position,
                 "sequence": e.sequence,

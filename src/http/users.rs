@@ -37,11 +37,10 @@ pub async fn register(
         .insert_user_credentials(&user_id, &username, &hash)
         .await?
     {
-        return Err(ApiError::conflict(
-            "username_taken",
-            "that username is already registered",
-        )
-        .with_field("username"));
+        return Err(
+            ApiError::conflict("username_taken", "that username is already registered")
+                .with_field("username"),
+        );
     }
     let command = UserCommand::Register {
         user_id: user_id.clone(),
@@ -49,7 +48,13 @@ pub async fn register(
         now: OffsetDateTime::now_utc(),
     };
     let result = state
-        .execute(&state.users, &user_id, command, &Actor::user(&user_id), &request_id)
+        .execute(
+            &state.users,
+            &user_id,
+            command,
+            &Actor::user(&user_id),
+            &request_id,
+        )
         .await;
     if let Err(e) = result {
         // Release the name: the account does not exist without its event.
@@ -152,7 +157,13 @@ pub async fn setup_mfa(
         now: OffsetDateTime::now_utc(),
     };
     state
-        .execute(&state.users, &user.user_id, command, &user.actor(), &request_id)
+        .execute(
+            &state.users,
+            &user.user_id,
+            command,
+            &user.actor(),
+            &request_id,
+        )
         .await
         .map_err(|e| mfa_field(e))?;
     let enrollment = secret
@@ -190,7 +201,13 @@ pub async fn confirm_mfa(
         now: OffsetDateTime::now_utc(),
     };
     state
-        .execute(&state.users, &user.user_id, command, &user.actor(), &request_id)
+        .execute(
+            &state.users,
+            &user.user_id,
+            command,
+            &user.actor(),
+            &request_id,
+        )
         .await
         .map_err(mfa_field)?;
     Ok(Json(json!({"mfa_enabled": true})))
@@ -210,7 +227,13 @@ pub async fn use_mfa_code(
         now: OffsetDateTime::now_utc(),
     };
     state
-        .execute(&state.users, &user.user_id, command, &user.actor(), request_id)
+        .execute(
+            &state.users,
+            &user.user_id,
+            command,
+            &user.actor(),
+            request_id,
+        )
         .await
         .map_err(mfa_field)
 }

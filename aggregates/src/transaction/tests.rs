@@ -41,8 +41,12 @@ fn agent() -> Initiator {
 fn payload() -> TxPayload {
     TxPayload {
         chain_id: 31337,
-        from: "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed".parse().unwrap(),
-        to: "0xfB6916095ca1df60bB79Ce92cE3Ea74c37c5d359".parse().unwrap(),
+        from: "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"
+            .parse()
+            .unwrap(),
+        to: "0xfB6916095ca1df60bB79Ce92cE3Ea74c37c5d359"
+            .parse()
+            .unwrap(),
         value: "1500000000000000000".parse().unwrap(),
         data: HexBytes::default(),
     }
@@ -295,7 +299,9 @@ fn expire_records_expiry_once_due() {
     framework()
         .given(vec![prepared()])
         .when(TransactionCommand::Expire { now: at })
-        .then_expect_events(vec![TransactionEvent::TransactionExpired { expired_at: at }]);
+        .then_expect_events(vec![TransactionEvent::TransactionExpired {
+            expired_at: at,
+        }]);
 }
 
 #[test]
@@ -428,7 +434,12 @@ fn terminal_states_stay_terminal() {
         confirmed_at: NOW,
     };
     framework()
-        .given(vec![prepared(), authorized(), executed(), confirmed.clone()])
+        .given(vec![
+            prepared(),
+            authorized(),
+            executed(),
+            confirmed.clone(),
+        ])
         .when(TransactionCommand::Fail {
             reason: "late".into(),
             now: NOW,
