@@ -79,6 +79,9 @@ pub struct TransactionView {
     pub expires_at: String,
     /// Global position of the last event folded in.
     pub position: i64,
+    /// How many events were folded in: equals the aggregate's event count when the view is
+    /// exact (no event missed, none applied twice).
+    pub version: u64,
 }
 
 fn rfc3339(t: time::OffsetDateTime) -> String {
@@ -123,11 +126,13 @@ impl View for TransactionView {
             updated_at: rfc3339(p.prepared_at),
             expires_at: rfc3339(p.expires_at),
             position: stored.position,
+            version: 1,
         })
     }
 
     fn update(&mut self, event: TransactionEvent, stored: &StoredEvent) {
         self.position = stored.position;
+        self.version += 1;
         let (status, at) = match event {
             TransactionEvent::TransactionPrepared(_) => return,
             TransactionEvent::TransactionAuthorized {

@@ -49,7 +49,7 @@ pub async fn issue(
                 .db
                 .view(ViewKind::Wallet, &address.to_checksum())
                 .await?;
-            if !wallet.is_some_and(|w| w.owner_user_id == user.user_id) {
+            if wallet.is_none_or(|w| w.owner_user_id != user.user_id) {
                 return Err(
                     ApiError::not_found("wallet").with_field(format!("wallet_addresses[{i}]"))
                 );

@@ -195,7 +195,7 @@ pub async fn prepare(
     let now = OffsetDateTime::now_utc();
     let expires_at = now + time::Duration::seconds(expires_in as i64);
     let transaction_id = Uuid::new_v4().to_string();
-    let command = TransactionCommand::Prepare(PrepareTransaction {
+    let command = TransactionCommand::Prepare(Box::new(PrepareTransaction {
         transaction_id: transaction_id.clone(),
         wallet_address: wallet.wallet_address,
         owner_user_id: wallet.owner_user_id,
@@ -212,7 +212,7 @@ pub async fn prepare(
         payload,
         now,
         expires_at,
-    });
+    }));
     state
         .execute(
             &state.transactions,

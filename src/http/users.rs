@@ -165,7 +165,7 @@ pub async fn setup_mfa(
             &request_id,
         )
         .await
-        .map_err(|e| mfa_field(e))?;
+        .map_err(mfa_field)?;
     let enrollment = secret
         .enrollment(&profile.username)
         .map_err(ApiError::internal)?;

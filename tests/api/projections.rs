@@ -1,1 +1,197 @@
+//! Views are exact: every committed event is applied once, in commit order — with concurrent
+//! writers, with a second node's projector racing this one, and across a crash.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use aggregates::{Transaction, TransactionCommand};
+use countersign::chain::KeyringSigner;
+use countersign::projector::Projector;
+use countersign::store::{cqrs, Actor, Db};
+use countersign::Application;
+use futures::future::join_all;
+use projections::{TransactionView, ViewKind};
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::helpers::*;
+use crate::on_both_backends;
+
+on_both_backends!(
+    views_are_exact_under_concurrent_writers_and_two_projectors,
+    events_committed_while_no_server_runs_reach_views_at_start,
+    views_are_exact_after_a_crash_under_load,
+);
+
+async fn checkpoint(db: &Db) -> i64 {
+    let sql = "SELECT position FROM projection_checkpoints WHERE name = 'views'";
+    match db {
+        Db::Postgres(pool) => sqlx::query_scalar(sql).fetch_one(pool).await.unwrap(),
+        Db::Sqlite(pool) => sqlx::query_scalar(sql).fetch_one(pool).await.unwrap(),
+    }
+}
+
+/// Compare every transaction view with the event log it was built from.
+async fn assert_views_exact(db: &Db) -> usize {
+    let events = db.events_after(0, 1_000_000).await.unwrap();
+    assert!(!events.is_empty());
+    // Positions are unique and increasing, and follow each aggregate's own sequence.
+    assert!(events.windows(2).all(|w| w[0].position < w[1].position));
+    let mut per_aggregate: HashMap<(String, String), Vec<&projections::StoredEvent>> =
+        HashMap::new();
+    for e in &events {
+        per_aggregate
+            .entry((e.aggregate_type.clone(), e.aggregate_id.clone()))
+            .or_default()
+            .push(e);
+    }
+    for list in per_aggregate.values() {
+        assert!(list.windows(2).all(|w| w[0].sequence < w[1].sequence));
+    }
+    assert_eq!(checkpoint(db).await, events.last().unwrap().position);
+
+    let mut checked = 0;
+    for ((kind, id), list) in &per_aggregate {
+        if kind != "Transaction" {
+            continue;
+        }
+        let view: TransactionView = db
+            .view(ViewKind::Transaction, id)
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("no view for transaction {id}"));
+        assert_eq!(
+            view.version as usize,
+            list.len(),
+            "view {id} missed or doubled events"
+        );
+        assert_eq!(view.position, list.last().unwrap().position);
+        let expected_status = match list.last().unwrap().event_type.as_str() {
+            "TransactionPrepared" => "pending_authorization",
+            "TransactionRejected" => "rejected",
+            "TransactionAuthorized" => "authorized",
+            other => panic!("unexpected event {other}"),
+        };
+        assert_eq!(view.status, expected_status);
+        checked += 1;
+    }
+    checked
+}
+
+async fn views_are_exact_under_concurrent_writers_and_two_projectors(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let (user, wallet, agent) = app.user_with_wallet("erin", 0).await;
+
+    // A second node's projector, on its own pool, racing the server's own.
+    let other_db = Db::connect(&app.store.url).await.unwrap();
+    let other = Arc::new(Projector::new(other_db.clone()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let racer = tokio::spawn({
+        let (other, stop) = (other.clone(), stop.clone());
+        async move {
+            while !stop.load(Ordering::Relaxed) {
+                other.catch_up().await.expect("second projector");
+                tokio::task::yield_now().await;
+            }
+        }
+    });
+
+    let ids: Vec<String> = join_all(
+        (0..24u128).map(|i| app.prepare(&agent, native_body(&wallet, &random_address(), i + 1))),
+    )
+    .await;
+    let owner = user.auth();
+    let rejections = join_all(ids.iter().step_by(2).map(|id| {
+        app.post(
+            "/api/reject_transaction",
+            &owner,
+            json!({"transaction_id": id, "reason": "not now"}),
+        )
+    }))
+    .await;
+    assert!(rejections.iter().all(|(s, _)| *s == StatusCode::OK));
+    stop.store(true, Ordering::Relaxed);
+    racer.await.unwrap();
+    other.catch_up().await.unwrap();
+
+    assert_eq!(assert_views_exact(&other_db).await, 24);
+    // What the API serves is the same view.
+    let (_, listed) = app
+        .get("/api/transactions?status=rejected", &user.auth())
+        .await;
+    assert_eq!(listed["transactions"].as_array().unwrap().len(), 12);
+    other_db.close().await;
+    app.cleanup().await;
+}
+
+async fn events_committed_while_no_server_runs_reach_views_at_start(backend: Backend) {
+    let mut app = TestApp::spawn(backend).await;
+    let (user, wallet, agent) = app.user_with_wallet("frank", 0).await;
+    let tx = app
+        .prepare(&agent, native_body(&wallet, &random_address(), 1))
+        .await;
+    app.stop().await;
+
+    // Another node commits an event and dies before any projector runs.
+    let db = Db::connect(&app.store.url).await.unwrap();
+    let signer = Arc::new(KeyringSigner::new(
+        db.clone(),
+        Arc::new(app.config().master_key),
+    ));
+    let transactions = cqrs::<Transaction>(&db, signer);
+    transactions
+        .execute_with_metadata(
+            &tx,
+            TransactionCommand::Reject {
+                user_id: user.user_id.clone(),
+                reason: Some("from another node".into()),
+                now: time::OffsetDateTime::now_utc(),
+            },
+            Actor::user(&user.user_id).metadata("test"),
+        )
+        .await
+        .unwrap();
+    db.close().await;
+
+    app.restart().await;
+    let view = app.status(&user.auth(), &tx).await;
+    assert_eq!(view["status"], "rejected");
+    assert_eq!(view["rejection_reason"], "from another node");
+    app.cleanup().await;
+}
+
+async fn views_are_exact_after_a_crash_under_load(backend: Backend) {
+    let mut app = TestApp::spawn(backend).await;
+    let (_user, wallet, agent) = app.user_with_wallet("grace", 0).await;
+    app.stop().await;
+
+    // Our own server instance, so it can be killed without a graceful shutdown.
+    let server = Application::build(app.config()).await.unwrap();
+    let base = format!("http://127.0.0.1:{}", server.port());
+    let task = tokio::spawn(server.run_until(std::future::pending()));
+    let client = reqwest::Client::new();
+    let load = join_all((0..40u128).map(|i| {
+        let (client, base, key) = (client.clone(), base.clone(), agent.key.clone());
+        let body = native_body(&wallet, &random_address(), i + 1);
+        async move {
+            let _ = client
+                .post(format!("{base}/api/prepare_transaction"))
+                .header("X-API-KEY", key)
+                .json(&body)
+                .send()
+                .await;
+        }
+    }));
+    let crash = async {
+        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+        task.abort();
+    };
+    tokio::join!(load, crash);
+
+    app.restart().await;
+    let db = Db::connect(&app.store.url).await.unwrap();
+    assert!(assert_views_exact(&db).await > 0);
+    db.close().await;
+    app.cleanup().await;
+}

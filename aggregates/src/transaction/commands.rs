@@ -7,7 +7,7 @@ use crate::types::{Address, Amount};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum TransactionCommand {
-    Prepare(PrepareTransaction),
+    Prepare(Box<PrepareTransaction>),
     Authorize {
         user_id: String,
         now: OffsetDateTime,

@@ -10,7 +10,7 @@ use crate::types::{Address, Amount};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum TransactionEvent {
-    TransactionPrepared(TransactionPrepared),
+    TransactionPrepared(Box<TransactionPrepared>),
     TransactionAuthorized {
         authorized_by: String,
         payload_digest: String,

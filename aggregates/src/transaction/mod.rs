@@ -243,7 +243,7 @@ impl Aggregate for Transaction {
                     return Err(TransactionError::InvalidExpiry);
                 }
                 let payload_digest = cmd.payload.digest();
-                TransactionEvent::TransactionPrepared(TransactionPrepared {
+                TransactionEvent::TransactionPrepared(Box::new(TransactionPrepared {
                     transaction_id: cmd.transaction_id,
                     wallet_address: cmd.wallet_address,
                     owner_user_id: cmd.owner_user_id,
@@ -258,7 +258,7 @@ impl Aggregate for Transaction {
                     payload_digest,
                     prepared_at: cmd.now,
                     expires_at: cmd.expires_at,
-                })
+                }))
             }
             TransactionCommand::Authorize { user_id, now } => {
                 let prepared = self.check_decision(&user_id, now, "authorize")?;
@@ -396,7 +396,7 @@ impl Aggregate for Transaction {
     fn apply(&mut self, event: Self::Event) {
         self.status = Some(match event {
             TransactionEvent::TransactionPrepared(prepared) => {
-                self.prepared = Some(prepared);
+                self.prepared = Some(*prepared);
                 TransactionStatus::PendingAuthorization
             }
             TransactionEvent::TransactionAuthorized { .. } => TransactionStatus::Authorized,

@@ -73,7 +73,7 @@ fn prepare_command() -> PrepareTransaction {
 
 fn prepared() -> TransactionEvent {
     let cmd = prepare_command();
-    TransactionEvent::TransactionPrepared(TransactionPrepared {
+    TransactionEvent::TransactionPrepared(Box::new(TransactionPrepared {
         transaction_id: cmd.transaction_id,
         wallet_address: cmd.wallet_address,
         owner_user_id: cmd.owner_user_id,
@@ -88,7 +88,7 @@ fn prepared() -> TransactionEvent {
         payload: cmd.payload,
         prepared_at: NOW,
         expires_at: NOW + Duration::minutes(15),
-    })
+    }))
 }
 
 fn authorized() -> TransactionEvent {
@@ -133,7 +133,7 @@ fn executed() -> TransactionEvent {
 fn prepare_records_the_prompt_with_a_digest_of_the_exact_payload() {
     framework()
         .given_no_previous_events()
-        .when(TransactionCommand::Prepare(prepare_command()))
+        .when(TransactionCommand::Prepare(Box::new(prepare_command())))
         .then_expect_events(vec![prepared()]);
 }
 
@@ -141,7 +141,7 @@ fn prepare_records_the_prompt_with_a_digest_of_the_exact_payload() {
 fn preparing_twice_is_rejected() {
     framework()
         .given(vec![prepared()])
-        .when(TransactionCommand::Prepare(prepare_command()))
+        .when(TransactionCommand::Prepare(Box::new(prepare_command())))
         .then_expect_error(TransactionError::AlreadyExists);
 }
 
@@ -151,7 +151,7 @@ fn expiry_must_be_in_the_future() {
     cmd.expires_at = NOW;
     framework()
         .given_no_previous_events()
-        .when(TransactionCommand::Prepare(cmd))
+        .when(TransactionCommand::Prepare(Box::new(cmd)))
         .then_expect_error(TransactionError::InvalidExpiry);
 }
 
