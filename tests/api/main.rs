@@ -2,6 +2,7 @@
 //! One test binary (fast to link); each module is a specification of one area.
 
 mod cli;
+mod docs;
 mod flow;
 mod helpers;
 mod negative;
