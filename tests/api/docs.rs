@@ -31,7 +31,8 @@ async fn every_documented_operation_is_routed() {
             let body: Value = resp.json().await.unwrap_or(Value::Null);
             assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
             assert!(
-                !(status == StatusCode::NOT_FOUND && body["error"]["message"] == "no such endpoint"),
+                !(status == StatusCode::NOT_FOUND
+                    && body["error"]["message"] == "no such endpoint"),
                 "{method} {path} is documented but not routed"
             );
             checked += 1;
