@@ -13,7 +13,8 @@ on_both_backends!(
     native_transfer_flow,
     erc20_transfer_flow,
     contract_call_flow,
-    restart_keeps_views_and_balances
+    restart_keeps_views_and_balances,
+    concurrent_executions_from_one_wallet_take_consecutive_nonces,
 );
 
 const ETH: u128 = 1_000_000_000_000_000_000;
@@ -243,5 +244,41 @@ async fn restart_keeps_views_and_balances(backend: Backend) {
     assert_eq!(status, StatusCode::OK, "{body}");
     execute_and_confirm(&app, &agent, &pending).await;
     assert_eq!(app.anvil.balance(&recipient).await, ETH + 2);
+    app.cleanup().await;
+}
+
+async fn concurrent_executions_from_one_wallet_take_consecutive_nonces(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let (mut user, wallet, agent) = app.user_with_wallet("heidi", 10 * ETH).await;
+    let recipient = random_address();
+    let mut ids = vec![];
+    for i in 1..=3u128 {
+        let tx = app
+            .prepare(&agent, native_body(&wallet, &recipient, i * 1000))
+            .await;
+        let (status, body) = app.authorize(&mut user, &tx).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        ids.push(tx);
+    }
+    let auth = agent.auth();
+    let results = futures::future::join_all(ids.iter().map(|tx| {
+        app.post(
+            "/api/execute_transaction",
+            &auth,
+            json!({"transaction_id": tx}),
+        )
+    }))
+    .await;
+    for (status, body) in &results {
+        assert_eq!(*status, StatusCode::OK, "{body}");
+    }
+    let mut nonces = vec![];
+    for tx in &ids {
+        let view = app.wait_for_status(&auth, tx, "confirmed").await;
+        nonces.push(view["nonce"].as_u64().unwrap());
+    }
+    nonces.sort();
+    assert_eq!(nonces, [0, 1, 2]);
+    assert_eq!(app.anvil.balance(&recipient).await, 6000);
     app.cleanup().await;
 }
