@@ -14,6 +14,7 @@ use crate::chain::{Chain, KeyringSigner, NonceManager};
 use crate::config::Config;
 use crate::crypto::{JwtKeys, MasterKey};
 use crate::projector::Projector;
+use crate::push::Hub;
 use crate::services::TotpVerifier;
 use crate::store::{cqrs, Actor, Cqrs, Db, StoreError};
 use crate::{http, workers};
@@ -25,6 +26,7 @@ const CONFLICT_RETRIES: usize = 3;
 pub struct Inner {
     pub db: Db,
     pub projector: Projector,
+    pub hub: Arc<Hub>,
     pub users: Cqrs<User>,
     pub wallets: Cqrs<Wallet>,
     pub api_keys: Cqrs<ApiKey>,
@@ -62,6 +64,7 @@ impl AppState {
             api_keys: cqrs(&db, ()),
             transactions: cqrs(&db, keyring.clone() as aggregates::TransactionServices),
             projector: Projector::new(db.clone()),
+            hub: Arc::new(Hub::new(db.clone()).await?),
             jwt: JwtKeys::new(&config.jwt_secret, config.jwt_ttl),
             chain: Chain::new(config.chain_url),
             nonces: NonceManager::default(),

@@ -8,6 +8,7 @@ pub mod config;
 pub mod crypto;
 pub mod http;
 pub mod projector;
+pub mod push;
 pub mod services;
 pub mod store;
 pub mod workers;

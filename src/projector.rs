@@ -119,9 +119,10 @@ impl Projector {
 
     /// One transaction: lock the checkpoint, fold the next batch, write documents and checkpoint.
     async fn apply_batch(&self) -> Result<(i64, i64), ProjectorError> {
+        let backend = self.db.backend();
         let select_events = format!(
             "SELECT {} FROM events WHERE position > $1 ORDER BY position LIMIT $2",
-            event_columns(self.db.backend())
+            event_columns(backend)
         );
         with_pool!(&self.db, |pool| {
             let mut tx = pool.begin().await?;
@@ -190,6 +191,14 @@ impl Projector {
                 .bind(CHECKPOINT)
                 .execute(&mut *tx)
                 .await?;
+            if backend == Backend::Postgres {
+                // Delivered at commit: wakes the push hub of every node.
+                sqlx::query("SELECT pg_notify($1, $2)")
+                    .bind(crate::push::VIEWS_CHANNEL)
+                    .bind(last.to_string())
+                    .execute(&mut *tx)
+                    .await?;
+            }
             tx.commit().await?;
             Ok((last, count))
         })

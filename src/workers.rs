@@ -13,6 +13,8 @@ use crate::store::Actor;
 
 pub fn spawn_all(state: AppState) -> Vec<JoinHandle<()>> {
     vec![
+        tokio::spawn(state.hub.clone().run(state.projector.subscribe())),
+        tokio::spawn(state.hub.clone().listen()),
         tokio::spawn(projection_loop(state.clone())),
         tokio::spawn(expiry_loop(state.clone())),
         tokio::spawn(receipt_loop(state)),

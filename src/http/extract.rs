@@ -122,6 +122,8 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestId {
 /// A user authenticated by `Authorization: Bearer <jwt>`.
 pub struct AuthUser {
     pub user_id: String,
+    /// When the access token expires (unix seconds).
+    pub expires_at: i64,
 }
 
 impl AuthUser {
@@ -153,6 +155,7 @@ impl FromRequestParts<AppState> for AuthUser {
             .map_err(|_| ApiError::unauthorized("invalid or expired token"))?;
         Ok(Self {
             user_id: claims.sub,
+            expires_at: claims.exp,
         })
     }
 }
@@ -185,9 +188,15 @@ async fn agent_from_key(state: &AppState, key: &str) -> Result<AuthAgent, ApiErr
         .api_key_id_by_hash(&ApiKeySecret::hash_presented(key))
         .await?
         .ok_or_else(invalid)?;
+    agent_by_id(state, &key_id).await
+}
+
+/// The agent of an API key id, unless the key is revoked.
+pub async fn agent_by_id(state: &AppState, key_id: &str) -> Result<AuthAgent, ApiError> {
+    let invalid = || ApiError::unauthorized("invalid or revoked API key");
     let view: ApiKeyView = state
         .db
-        .view(ViewKind::ApiKey, &key_id)
+        .view(ViewKind::ApiKey, key_id)
         .await?
         .ok_or_else(invalid)?;
     if view.is_revoked() {

@@ -6,6 +6,7 @@ mod extract;
 mod transactions;
 mod users;
 mod wallets;
+mod ws;
 
 use std::time::Duration;
 
@@ -47,6 +48,9 @@ pub fn router(state: AppState) -> Router {
         .route("/transaction_status", get(transactions::status))
         .route("/transactions", get(transactions::list))
         .route("/transactions/{id}/events", get(transactions::events))
+        .route("/transactions/{id}/wait", get(ws::wait))
+        .route("/ws_ticket", post(ws::issue_ticket))
+        .route("/ws", get(ws::ws))
         .route("/openapi.json", get(openapi));
 
     Router::new()

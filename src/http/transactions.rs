@@ -235,7 +235,7 @@ pub async fn prepare(
 }
 
 /// The transaction if the caller may see it: the wallet's owner, or the agent that prepared it.
-async fn visible_transaction(
+pub(super) async fn visible_transaction(
     state: &AppState,
     caller: &Caller,
     transaction_id: &str,

@@ -7,6 +7,7 @@ mod flow;
 mod helpers;
 mod negative;
 mod projections;
+mod push;
 mod security;
 
 /// Generate a `_sqlite` and a `_postgres` test from `async fn name(backend: Backend)`.

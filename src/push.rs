@@ -1,0 +1,416 @@
+//! Live push: one hub per node tails the event log in position order and routes each
+//! transaction event to the sockets entitled to it.
+//!
+//! No gap, no duplicate: the hub only reads events at or below the projection checkpoint (so
+//! every event it routes has its view, which says who may see it), advances its cursor under
+//! the same lock that registers subscribers, and a subscriber registered at cursor C receives
+//! every event > C through its channel while its replay covers `(after, C]` from the database.
+//! Positions are commit-ordered (see the migrations), so "> C" never skips a late commit.
+//!
+//! Multi-node: the projector that advances the checkpoint issues `NOTIFY countersign_views` in
+//! the same transaction; every node's hub listens and wakes. The event table stays the source of
+//! truth: a missed notification only delays delivery until the next periodic tick.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, watch, Notify};
+
+use crate::store::{with_pool, Backend, Db, StoreError};
+
+pub const VIEWS_CHANNEL: &str = "countersign_views";
+/// Messages a socket may have queued before it counts as too slow and is dropped.
+pub const SUBSCRIBER_BUFFER: usize = 1024;
+const PAGE: i64 = 500;
+const FALLBACK_TICK: Duration = Duration::from_secs(1);
+
+/// Who a socket belongs to, which decides what it receives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    /// Events of transactions on wallets the user owns.
+    User(String),
+    /// Events of transactions the API key prepared.
+    Agent(String),
+}
+
+/// What the hub hands a socket.
+#[derive(Debug, Clone)]
+pub enum Outgoing {
+    Event { position: i64, message: Arc<str> },
+    Close { code: u16, reason: &'static str },
+}
+
+pub const CLOSE_EXPIRED: u16 = 4001;
+pub const CLOSE_REVOKED: u16 = 4003;
+pub const CLOSE_TOO_SLOW: u16 = 4008;
+
+/// A stored event with the routing columns of its transaction's view.
+#[derive(sqlx::FromRow, Debug, Clone)]
+pub struct PushRow {
+    pub position: i64,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub event_type: String,
+    pub payload: Value,
+    pub recorded_at: String,
+    pub owner_user_id: Option<String>,
+    pub api_key_id: Option<String>,
+    pub wallet_address: Option<String>,
+}
+
+/// The status a transaction has right after `event_type`.
+fn status_after(event_type: &str) -> Option<&'static str> {
+    Some(match event_type {
+        "TransactionPrepared" => "pending_authorization",
+        "TransactionAuthorized" => "authorized",
+        "TransactionRejected" => "rejected",
+        "TransactionExpired" => "expired",
+        "TransactionExecuted" => "executed",
+        "TransactionConfirmed" => "confirmed",
+        "TransactionFailed" => "failed",
+        _ => return None,
+    })
+}
+
+impl PushRow {
+    /// The wire message for a transaction event.
+    pub fn message(&self) -> Option<String> {
+        if self.aggregate_type != "Transaction" {
+            return None;
+        }
+        let data = self
+            .payload
+            .get(&self.event_type)
+            .cloned()
+            .unwrap_or(Value::Null);
+        Some(
+            json!({
+                "type": "event",
+                "position": self.position,
+                "event_type": self.event_type,
+                "transaction_id": self.aggregate_id,
+                "wallet_address": self.wallet_address,
+                "status": status_after(&self.event_type),
+                "recorded_at": self.recorded_at,
+                "data": data,
+            })
+            .to_string(),
+        )
+    }
+
+    fn visible_to(&self, principal: &Principal) -> bool {
+        match principal {
+            Principal::User(id) => self.owner_user_id.as_deref() == Some(id),
+            Principal::Agent(key) => self.api_key_id.as_deref() == Some(key),
+        }
+    }
+}
+
+fn select_push(backend: Backend, filter: &str) -> String {
+    let recorded_at = match backend {
+        Backend::Postgres => {
+            "to_char(e.recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+        }
+        Backend::Sqlite => "e.recorded_at",
+    };
+    format!(
+        "SELECT e.position, e.aggregate_type, e.aggregate_id, e.event_type, e.payload, \
+         {recorded_at} AS recorded_at, v.owner_user_id, v.api_key_id, v.wallet_address \
+         FROM events e LEFT JOIN views v \
+           ON e.aggregate_type = 'Transaction' AND v.kind = 'transaction' AND v.id = e.aggregate_id \
+         WHERE e.position > $1 AND e.position <= $2 {filter} \
+         ORDER BY e.position LIMIT $3"
+    )
+}
+
+impl Db {
+    pub async fn projection_checkpoint(&self) -> Result<i64, StoreError> {
+        Ok(with_pool!(self, |pool| sqlx::query_scalar(
+            "SELECT position FROM projection_checkpoints WHERE name = 'views'"
+        )
+        .fetch_one(pool)
+        .await?))
+    }
+
+    /// Events in `(after, upto]`, all of them (hub) or those a principal may see (replay).
+    pub async fn push_events(
+        &self,
+        after: i64,
+        upto: i64,
+        principal: Option<&Principal>,
+    ) -> Result<Vec<PushRow>, StoreError> {
+        let (filter, value) = match principal {
+            None => ("", None),
+            Some(Principal::User(id)) => ("AND v.owner_user_id = $4", Some(id.as_str())),
+            Some(Principal::Agent(key)) => ("AND v.api_key_id = $4", Some(key.as_str())),
+        };
+        let sql = select_push(self.backend(), filter);
+        Ok(with_pool!(self, |pool| {
+            let mut q = sqlx::query_as::<_, PushRow>(&sql)
+                .bind(after)
+                .bind(upto)
+                .bind(PAGE);
+            if let Some(v) = value {
+                q = q.bind(v);
+            }
+            q.fetch_all(pool).await?
+        }))
+    }
+}
+
+struct Subscriber {
+    principal: Principal,
+    tx: mpsc::Sender<Outgoing>,
+}
+
+struct HubState {
+    cursor: i64,
+    next_id: u64,
+    subscribers: HashMap<u64, Subscriber>,
+}
+
+/// A registered socket: events after `from` arrive on `rx`; `(after, from]` is the caller's
+/// to replay.
+pub struct Subscription {
+    pub id: u64,
+    pub from: i64,
+    pub rx: mpsc::Receiver<Outgoing>,
+}
+
+pub struct Hub {
+    db: Db,
+    state: Mutex<HubState>,
+    pumping: tokio::sync::Mutex<()>,
+    wake: Notify,
+    position: watch::Sender<i64>,
+}
+
+impl Hub {
+    /// Start at the current checkpoint: earlier events are served by replay.
+    pub async fn new(db: Db) -> Result<Self, StoreError> {
+        let cursor = db.projection_checkpoint().await?;
+        Ok(Self {
+            db,
+            state: Mutex::new(HubState {
+                cursor,
+                next_id: 0,
+                subscribers: HashMap::new(),
+            }),
+            pumping: tokio::sync::Mutex::new(()),
+            wake: Notify::new(),
+            position: watch::Sender::new(cursor),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HubState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The newest position routed, as a watchable value (long polls wait on it).
+    pub fn watch_position(&self) -> watch::Receiver<i64> {
+        self.position.subscribe()
+    }
+
+    pub fn subscriber_count(&self) -> usize {
+        self.lock().subscribers.len()
+    }
+
+    pub fn subscribe(&self, principal: Principal) -> Subscription {
+        let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
+        let mut state = self.lock();
+        state.next_id += 1;
+        let id = state.next_id;
+        state.subscribers.insert(id, Subscriber { principal, tx });
+        Subscription {
+            id,
+            from: state.cursor,
+            rx,
+        }
+    }
+
+    pub fn unsubscribe(&self, id: u64) {
+        self.lock().subscribers.remove(&id);
+    }
+
+    /// Ask the hub to look for new events now.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Route everything new, page by page.
+    pub async fn pump(&self) -> Result<(), StoreError> {
+        let _pumping = self.pumping.lock().await;
+        loop {
+            let cursor = self.lock().cursor;
+            let upto = self.db.projection_checkpoint().await?;
+            if upto <= cursor {
+                return Ok(());
+            }
+            let rows = self.db.push_events(cursor, upto, None).await?;
+            let reached = rows.last().map_or(upto, |r| r.position);
+            {
+                let mut state = self.lock();
+                for row in &rows {
+                    Self::route(&mut state, row);
+                }
+                // A full page may stop short of `upto`; otherwise nothing routable remains.
+                state.cursor = if rows.len() as i64 == PAGE {
+                    reached
+                } else {
+                    upto
+                };
+            }
+            self.position.send_replace(self.lock().cursor);
+            if (rows.len() as i64) < PAGE {
+                return Ok(());
+            }
+        }
+    }
+
+    fn route(state: &mut HubState, row: &PushRow) {
+        if row.aggregate_type == "ApiKey" && row.event_type == "ApiKeyRevoked" {
+            let revoked = Principal::Agent(row.aggregate_id.clone());
+            state.subscribers.retain(|_, s| {
+                if s.principal == revoked {
+                    let _ = s.tx.try_send(Outgoing::Close {
+                        code: CLOSE_REVOKED,
+                        reason: "API key revoked",
+                    });
+                    false
+                } else {
+                    true
+                }
+            });
+            return;
+        }
+        let Some(message) = row.message() else {
+            return;
+        };
+        let message: Arc<str> = message.into();
+        // A subscriber whose buffer is full is dropped: its socket closes with "too slow,
+        // resume", and it reconnects with `after` = the last position it received.
+        state.subscribers.retain(|_, s| {
+            if !row.visible_to(&s.principal) {
+                return true;
+            }
+            s.tx.try_send(Outgoing::Event {
+                position: row.position,
+                message: message.clone(),
+            })
+            .is_ok()
+        });
+    }
+
+    /// Pump whenever woken (local commits, Postgres notifications) and on a fallback tick.
+    pub async fn run(self: Arc<Self>, mut local: watch::Receiver<i64>) {
+        let mut tick = tokio::time::interval(FALLBACK_TICK);
+        loop {
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                changed = local.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = self.pump().await {
+                tracing::warn!(error = %e, "push hub could not read events");
+            }
+        }
+    }
+
+    /// On Postgres, wake on every checkpoint advance made by any node.
+    pub async fn listen(self: Arc<Self>) {
+        let Db::Postgres(pool) = &self.db else {
+            return;
+        };
+        loop {
+            let mut listener = match sqlx::postgres::PgListener::connect_with(pool).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, "LISTEN connection failed; retrying");
+                    tokio::time::sleep(FALLBACK_TICK).await;
+                    continue;
+                }
+            };
+            if let Err(e) = listener.listen(VIEWS_CHANNEL).await {
+                tracing::warn!(error = %e, "LISTEN failed; retrying");
+                tokio::time::sleep(FALLBACK_TICK).await;
+                continue;
+            }
+            loop {
+                match listener.recv().await {
+                    Ok(_) => self.wake(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "notification stream broke; reconnecting");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Single-use WebSocket tickets (stored hashed; consumed atomically).
+impl Db {
+    pub async fn insert_ws_ticket(
+        &self,
+        ticket_hash: &str,
+        principal: &Principal,
+        expires_at: i64,
+        session_expires_at: Option<i64>,
+    ) -> Result<(), StoreError> {
+        let (kind, id) = match principal {
+            Principal::User(id) => ("user", id),
+            Principal::Agent(id) => ("api_key", id),
+        };
+        with_pool!(self, |pool| {
+            sqlx::query("DELETE FROM ws_tickets WHERE expires_at < $1")
+                .bind(expires_at - 3600)
+                .execute(pool)
+                .await?;
+            sqlx::query(
+                "INSERT INTO ws_tickets (ticket_hash, principal_type, principal_id, expires_at, \
+                 session_expires_at) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(ticket_hash)
+            .bind(kind)
+            .bind(id)
+            .bind(expires_at)
+            .bind(session_expires_at)
+            .execute(pool)
+            .await?;
+        });
+        Ok(())
+    }
+
+    /// Consume a ticket: it is deleted whether or not it is still valid.
+    pub async fn take_ws_ticket(
+        &self,
+        ticket_hash: &str,
+        now: i64,
+    ) -> Result<Option<(Principal, Option<i64>)>, StoreError> {
+        let row: Option<(String, String, i64, Option<i64>)> = with_pool!(self, |pool| {
+            sqlx::query_as(
+                "DELETE FROM ws_tickets WHERE ticket_hash = $1 \
+                 RETURNING principal_type, principal_id, expires_at, session_expires_at",
+            )
+            .bind(ticket_hash)
+            .fetch_optional(pool)
+            .await?
+        });
+        Ok(row.and_then(|(kind, id, expires_at, session)| {
+            if expires_at < now {
+                return None;
+            }
+            let principal = match kind.as_str() {
+                "user" => Principal::User(id),
+                _ => Principal::Agent(id),
+            };
+            Some((principal, session))
+        }))
+    }
+}
