@@ -117,7 +117,10 @@ impl From<ChainError> for ApiError {
     fn from(e: ChainError) -> Self {
         match e {
             ChainError::Unavailable(_) => Self::chain_unavailable(e),
-            ChainError::Rejected(msg) => Self::new(StatusCode::BAD_GATEWAY, "chain_error", msg),
+            ChainError::Rejected(msg) => {
+                tracing::warn!(error = %msg, "chain node refused a request");
+                Self::new(StatusCode::BAD_GATEWAY, "chain_error", msg)
+            }
         }
     }
 }

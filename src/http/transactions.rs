@@ -472,6 +472,7 @@ pub async fn execute(
     match state.chain.send_raw(raw.as_slice()).await {
         Ok(()) => {}
         Err(ChainError::Rejected(reason)) => {
+            tracing::warn!(error = %reason, transaction_id = %id, "broadcast rejected");
             // Nothing was accepted: the nonce is free again; re-read it from the chain next time.
             *next_nonce = None;
             let reason = format!("broadcast rejected: {reason}");

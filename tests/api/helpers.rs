@@ -1,7 +1,6 @@
 //! Test harness: the real server on port 0, a fresh database per test (SQLite always, Postgres
 //! when `TEST_DATABASE_URL` is set), a private anvil chain per test, and HTTP/TOTP helpers.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Once;
@@ -49,13 +48,6 @@ fn init_tracing() {
     });
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 /// A private anvil process, killed on drop.
 pub struct Anvil {
     child: Child,
@@ -75,27 +67,40 @@ impl Anvil {
             "anvil not found at {} — run `npm ci` (see README)",
             bin.display()
         );
-        for _attempt in 0..5 {
-            let port = free_port();
-            let child = Command::new(&bin)
-                .args(["--port", &port.to_string(), "--silent"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawn anvil");
-            let mut anvil = Self {
-                child,
-                url: format!("http://127.0.0.1:{port}"),
-            };
-            for _ in 0..100 {
-                if anvil.rpc_raw("eth_chainId", json!([])).await.is_ok() {
-                    return anvil;
-                }
-                if let Ok(Some(_)) = anvil.child.try_wait() {
-                    break; // port taken: try another
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+        // Port 0: anvil picks a free port and says which, so parallel tests never collide.
+        let mut child = Command::new(&bin)
+            .args(["--port", "0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn anvil");
+        let stdout = child.stdout.take().expect("anvil stdout");
+        let port = tokio::task::spawn_blocking(move || {
+            use std::io::BufRead;
+            let mut lines = std::io::BufReader::new(stdout).lines();
+            let port = lines.by_ref().map_while(Result::ok).find_map(|line| {
+                line.strip_prefix("Listening on 127.0.0.1:")
+                    .and_then(|p| p.trim().parse::<u16>().ok())
+            });
+            // Keep draining so anvil never blocks on a full pipe.
+            std::thread::spawn(move || lines.for_each(drop));
+            port
+        })
+        .await
+        .expect("read anvil output");
+        let mut anvil = Self {
+            child,
+            url: String::new(),
+        };
+        let Some(port) = port else {
+            panic!("anvil did not report its port");
+        };
+        anvil.url = format!("http://127.0.0.1:{port}");
+        for _ in 0..100 {
+            if anvil.rpc_raw("eth_chainId", json!([])).await.is_ok() {
+                return anvil;
             }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("anvil did not start");
     }
@@ -568,7 +573,19 @@ impl TestUser {
     pub async fn fresh_code(&mut self) -> String {
         loop {
             let now = now_step();
-            let step = (self.last_step + 1).max(now.saturating_sub(1));
+            // The previous step's code stays valid for the rest of this step; near its end the
+            // clock could tick before the server checks, so then start from the current step.
+            let secs_into_step = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs()
+                % 30;
+            let earliest = if secs_into_step < 25 {
+                now.saturating_sub(1)
+            } else {
+                now
+            };
+            let step = (self.last_step + 1).max(earliest);
             if step <= now + 1 {
                 self.last_step = step;
                 return self.code_at(step);
@@ -629,4 +646,64 @@ pub fn assert_field(resp: &(StatusCode, Value), field: &str) {
         "unexpected field: {}",
         resp.1
     );
+}
+
+// Helpers added for the negative-path and security specifications (negative.rs, security.rs).
+
+/// The current TOTP time step (30 s since the epoch).
+pub fn current_step() -> u64 {
+    now_step()
+}
+
+/// Decode an RFC 4648 base32 TOTP secret to its raw bytes.
+pub fn decode_base32(s: &str) -> Vec<u8> {
+    base32_decode(s)
+}
+
+/// The TOTP code of a base32 secret at `step` (for a secret the test keeps aside).
+pub fn totp_code(base32_secret: &str, step: u64) -> String {
+    TotpSecret::from_bytes(Zeroizing::new(base32_decode(base32_secret))).code_at_step(step)
+}
+
+impl TestUser {
+    /// Use a new TOTP secret from now on, keeping the record of the steps already spent: the
+    /// server accepts each step once per user, whichever secret produced the code.
+    pub fn switch_secret(&mut self, base32: &str) {
+        let last = self.last_step;
+        self.set_secret(base32);
+        self.last_step = last;
+    }
+
+    /// A well-formed 6-digit code that matches none of the steps the server could accept now
+    /// (±2 steps, to stay wrong even if the clock ticks during the request).
+    pub fn wrong_code(&self) -> String {
+        let now = now_step();
+        let valid: Vec<String> = (now.saturating_sub(2)..=now + 2)
+            .map(|s| self.code_at(s))
+            .collect();
+        (0u32..)
+            .map(|n| format!("{:06}", (n * 111_111 + 123_456) % 1_000_000))
+            .find(|c| !valid.contains(c))
+            .expect("some code is wrong")
+    }
+}
+
+impl TestApp {
+    /// POST an owned raw body (any size) as `application/json`.
+    pub async fn post_body(&self, path: &str, auth: &Auth, body: String) -> (StatusCode, Value) {
+        let req = auth
+            .apply(self.client.post(self.url(path)))
+            .header("content-type", "application/json")
+            .body(body);
+        send(req).await
+    }
+
+    /// The wallet's transaction count on chain (`latest`): one per broadcast transaction mined.
+    pub async fn onchain_nonce(&self, address: &str) -> u64 {
+        let hex = self
+            .anvil
+            .rpc("eth_getTransactionCount", json!([address, "latest"]))
+            .await;
+        u64::from_str_radix(hex.as_str().unwrap().trim_start_matches("0x"), 16).unwrap()
+    }
 }
