@@ -6,6 +6,7 @@ mod extract;
 mod transactions;
 mod users;
 mod wallets;
+mod web;
 mod ws;
 
 use std::time::Duration;
@@ -55,6 +56,7 @@ pub fn router(state: AppState) -> Router {
 
     Router::new()
         .nest("/api", api)
+        .merge(web::routes())
         .route("/healthz", get(healthz))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
