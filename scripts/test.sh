@@ -18,7 +18,7 @@ cargo test --workspace --all-targets -- --test-threads="${TEST_THREADS:-16}"
 
 # The browser end-to-end test drives the web page in headless Chromium (Debian's `chromium`
 # package; playwright-core cannot download browsers here). It uses the server binary built above.
-export COUNTERSIGN_BIN="${CARGO_TARGET_DIR:-target}/debug/countersign"
+export COUNTERSIGN_BIN="$(realpath "${CARGO_TARGET_DIR:-target}")/debug/countersign"
 export CHROMIUM="${CHROMIUM:-/usr/bin/chromium}"
 if [ -x "$CHROMIUM" ]; then
   node --test tests/e2e/
