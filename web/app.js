@@ -674,8 +674,8 @@ function walletItem(wallet) {
     el('div', { class: 'copy-row' }, address, copyButton(wallet.wallet_address, address, 'Copy wallet address')),
     el('p', { class: 'wallet-meta' },
       el('span', { class: 'sr-only' }, 'Balance: '),
-      el('span', { class: 'balance', title: `${wallet.balance_wei} wei`, 'data-testid': 'wallet-balance' },
-        `${formatEth(wallet.balance_wei)} ETH`),
+      el('span', { class: 'balance', title: wallet.balance_wei == null ? 'The chain node is unreachable' : `${wallet.balance_wei} wei`, 'data-testid': 'wallet-balance' },
+        wallet.balance_wei == null ? 'balance unavailable' : `${formatEth(wallet.balance_wei)} ETH`),
       el('span', { class: 'muted' }, ` · chain ${wallet.chain_id}`)));
 }
 

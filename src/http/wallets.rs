@@ -84,10 +84,17 @@ pub async fn list_wallets(State(state): State<AppState>, caller: Caller) -> ApiR
                 continue;
             }
         }
-        let balance = state.chain.balance(&w.wallet_address).await?;
+        // The list must not depend on the node: without it, balances are unknown (null).
+        let balance = match state.chain.balance(&w.wallet_address).await {
+            Ok(b) => Some(b.to_string()),
+            Err(e) => {
+                tracing::warn!(error = %e, "balance unavailable");
+                None
+            }
+        };
         out.push(json!({
             "wallet_address": w.wallet_address,
-            "balance_wei": balance.to_string(),
+            "balance_wei": balance,
             "chain_id": w.chain_id,
             "created_at": w.created_at,
         }));
