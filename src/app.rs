@@ -26,11 +26,15 @@ const CONFLICT_RETRIES: usize = 3;
 pub struct Inner {
     pub db: Db,
     pub projector: Projector,
+    /// Seals committed events into hash chains and signs checkpoints (see `audit`).
+    pub sealer: Arc<crate::audit::Sealer>,
     pub hub: Arc<Hub>,
     pub users: Cqrs<User>,
     pub wallets: Cqrs<Wallet>,
     pub api_keys: Cqrs<ApiKey>,
     pub transactions: Cqrs<Transaction>,
+    /// Login attempts (one aggregate per attempt).
+    pub security_log: Cqrs<aggregates::SecurityLog>,
     pub jwt: JwtKeys,
     pub master_key: Arc<MasterKey>,
     pub chain: Chain,
@@ -58,12 +62,17 @@ impl AppState {
         let master_key = Arc::new(config.master_key);
         let keyring = Arc::new(KeyringSigner::new(db.clone(), master_key.clone()));
         let verifier = Arc::new(TotpVerifier::new(db.clone(), master_key.clone()));
+        let sealer = crate::audit::Sealer::new(db.clone(), master_key.clone())
+            .await
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         Ok(Self(Arc::new(Inner {
             users: cqrs(&db, verifier as aggregates::UserServices),
             wallets: cqrs(&db, ()),
             api_keys: cqrs(&db, ()),
             transactions: cqrs(&db, keyring.clone() as aggregates::TransactionServices),
             projector: Projector::new(db.clone()),
+            sealer: Arc::new(sealer),
+            security_log: cqrs(&db, ()),
             hub: Arc::new(Hub::new(db.clone()).await?),
             jwt: JwtKeys::new(&config.jwt_secret, config.jwt_ttl),
             chain: Chain::new(config.chain_url),
@@ -120,6 +129,10 @@ impl Application {
         let state = AppState::new(config).await?;
         // Bring views up to date before serving (e.g. after a crash mid-projection).
         state.projector.catch_up().await?;
+        // Seal what committed while no server ran; failure is logged and retried by the worker.
+        if let Err(e) = state.sealer.seal_pending().await {
+            tracing::error!(error = %e, "sealing at start-up failed");
+        }
         let listener = TcpListener::bind(addr).await?;
         Ok(Self { listener, state })
     }

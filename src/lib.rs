@@ -3,7 +3,9 @@
 //! (`projections`): configuration, storage, HTTP, chain access and cryptography.
 
 pub mod app;
+pub mod audit;
 pub mod chain;
+pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod http;
@@ -11,6 +13,7 @@ pub mod projector;
 pub mod push;
 pub mod services;
 pub mod store;
+pub mod upcast;
 pub mod workers;
 
 pub use app::{AppState, Application};

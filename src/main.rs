@@ -1,4 +1,5 @@
-//! The `countersign` command: `serve` the API, or `migrate` the database and exit.
+//! The `countersign` command: `serve` the API, `migrate` the database, and the operator's
+//! `audit`, `admin` and `projections` commands (see `cli`).
 
 use std::path::PathBuf;
 
@@ -34,6 +35,68 @@ enum Command {
     },
     /// Apply database migrations and exit (the server also applies them at start-up).
     Migrate,
+    /// Tamper evidence: verify the sealed history, export it, seal now.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// Operator actions on accounts (recorded as events, actor "operator").
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+    /// Read-side maintenance.
+    Projections {
+        #[command(subcommand)]
+        command: ProjectionsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Verify every event, chain and signed checkpoint (the database, or an export offline).
+    /// Exits 1 if the history is broken, naming the first broken link.
+    Verify {
+        /// Verify this export instead of the database (no database needed).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Trusted checkpoint key (hex or base64, from GET /api/audit/public_key); repeatable.
+        /// Required with --file.
+        #[arg(long = "public-key")]
+        public_keys: Vec<String>,
+        /// SEQ:HASH of a checkpoint seen before, which must still be there (catches a
+        /// history cut short together with its later checkpoints).
+        #[arg(long)]
+        anchor: Option<String>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the history with all integrity data as JSON Lines.
+    Export {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Seal and sign everything committed so far (the server does this continuously).
+    Seal,
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Grant the auditor role (read all history, run verification).
+    GrantAuditor { username: String },
+    /// Revoke the auditor role.
+    RevokeAuditor { username: String },
+}
+
+#[derive(Subcommand)]
+enum ProjectionsCommand {
+    /// Drop and rebuild views from the event log in commit order.
+    Rebuild {
+        /// Only this view: transaction, wallet, api_key or user.
+        #[arg(long)]
+        view: Option<String>,
+    },
 }
 
 #[tokio::main]
@@ -66,6 +129,39 @@ async fn main() -> anyhow::Result<()> {
             tracing::info!("migrations applied");
             Ok(())
         }
+        Command::Audit { command } => match command {
+            AuditCommand::Verify {
+                file,
+                public_keys,
+                anchor,
+                json,
+            } => {
+                let ok = countersign::cli::audit_verify(
+                    file.as_deref(),
+                    &public_keys,
+                    anchor.as_deref(),
+                    json,
+                )
+                .await?;
+                if !ok {
+                    std::process::exit(1);
+                }
+                Ok(())
+            }
+            AuditCommand::Export { out } => countersign::cli::audit_export(&out).await,
+            AuditCommand::Seal => countersign::cli::audit_seal().await,
+        },
+        Command::Admin { command } => match command {
+            AdminCommand::GrantAuditor { username } => {
+                countersign::cli::set_role(&username, aggregates::Role::Auditor, true).await
+            }
+            AdminCommand::RevokeAuditor { username } => {
+                countersign::cli::set_role(&username, aggregates::Role::Auditor, false).await
+            }
+        },
+        Command::Projections {
+            command: ProjectionsCommand::Rebuild { view },
+        } => countersign::cli::rebuild(view.as_deref()).await,
     }
 }
 

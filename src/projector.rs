@@ -18,6 +18,20 @@ use crate::store::{with_pool, Backend, Db, StoreError};
 
 const CHECKPOINT: &str = "views";
 const BATCH: i64 = 500;
+/// Events per read while rebuilding.
+const REBUILD_PAGE: i64 = 10_000;
+
+/// What a rebuild did.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct RebuildStats {
+    /// The checkpoint the rebuild replayed up to (catch-up then continued past it).
+    pub position: i64,
+    /// Events replayed.
+    pub events: i64,
+    /// View documents after the rebuild.
+    pub documents: i64,
+    pub elapsed_seconds: f64,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectorError {
@@ -78,6 +92,95 @@ fn event_columns(backend: Backend) -> &'static str {
     }
 }
 
+/// Fold `$events` (in position order) into their view documents inside transaction `$tx`:
+/// load the current documents in bulk, fold, write them back in bulk. `$only` restricts it to
+/// one kind of view (rebuild of one view). Written as a macro so that the same code is compiled
+/// for each backend's transaction type.
+macro_rules! fold_into_views {
+    ($tx:expr, $events:expr, $only:expr) => {{
+        let only: Option<ViewKind> = $only;
+        let upcasters = crate::upcast::upcasters();
+        // Each document touched, with the position that created it (if created here) and the
+        // position of the last event folded in.
+        let mut docs: HashMap<(ViewKind, String), (Option<Value>, Option<ViewDoc>, Option<i64>, i64)> =
+            HashMap::new();
+        let events: Vec<StoredEvent> = $events;
+        let mut missing: HashMap<ViewKind, Vec<String>> = HashMap::new();
+        for event in &events {
+            if let Some(key) = projections::target(event) {
+                if only.is_none_or(|k| k == key.0) && !docs.contains_key(&key) {
+                    missing.entry(key.0).or_default().push(key.1.clone());
+                    docs.insert(key, (None, None, None, 0));
+                }
+            }
+        }
+        for (kind, ids) in missing {
+            for chunk in ids.chunks(500) {
+                let mut q = sqlx::QueryBuilder::new("SELECT id, payload FROM views WHERE kind = ");
+                q.push_bind(kind.as_str()).push(" AND id IN (");
+                let mut list = q.separated(", ");
+                for id in chunk {
+                    list.push_bind(id.as_str());
+                }
+                list.push_unseparated(")");
+                let found: Vec<(String, Value)> = q.build_query_as().fetch_all($tx).await?;
+                for (id, payload) in found {
+                    if let Some(entry) = docs.get_mut(&(kind, id)) {
+                        entry.0 = Some(payload);
+                    }
+                }
+            }
+        }
+        for event in events {
+            let Some(key) = projections::target(&event) else {
+                continue;
+            };
+            if only.is_some_and(|k| k != key.0) {
+                continue;
+            }
+            let event = crate::upcast::upcast(event, &upcasters);
+            let entry = docs.get_mut(&key).expect("every target was collected above");
+            let current = match entry.1.take() {
+                Some(doc) => Some(doc.payload),
+                None => entry.0.take(),
+            };
+            if current.is_none() {
+                entry.2 = Some(event.position);
+            }
+            entry.1 = Some(projections::apply(key.0, current, &event)?);
+            entry.3 = event.position;
+        }
+        let written: Vec<(ViewDoc, i64, i64)> = docs
+            .into_values()
+            .filter_map(|(_, doc, created, position)| doc.map(|d| (d, created.unwrap_or(position), position)))
+            .collect();
+        for chunk in written.chunks(500) {
+            let mut q = sqlx::QueryBuilder::new(
+                "INSERT INTO views (kind, id, owner_user_id, wallet_address, api_key_id, \
+                 status, created_position, position, payload) ",
+            );
+            q.push_values(chunk, |mut b, (doc, created, position)| {
+                b.push_bind(doc.kind.as_str())
+                    .push_bind(doc.id.as_str())
+                    .push_bind(doc.owner_user_id.as_deref())
+                    .push_bind(doc.wallet_address.as_deref())
+                    .push_bind(doc.api_key_id.as_deref())
+                    .push_bind(doc.status.as_deref())
+                    .push_bind(*created)
+                    .push_bind(*position)
+                    .push_bind(&doc.payload);
+            });
+            q.push(
+                " ON CONFLICT (kind, id) DO UPDATE SET owner_user_id = excluded.owner_user_id, \
+                 wallet_address = excluded.wallet_address, api_key_id = excluded.api_key_id, \
+                 status = excluded.status, position = excluded.position, payload = excluded.payload",
+            );
+            q.build().execute($tx).await?;
+        }
+        written.len()
+    }};
+}
+
 pub struct Projector {
     db: Db,
     /// One catch-up at a time per process; other processes are held off by the row lock.
@@ -117,6 +220,78 @@ impl Projector {
         }
     }
 
+    /// Drop and rebuild views (all kinds, or one) from the event log in commit order: one
+    /// transaction holding the checkpoint lock deletes the documents and folds every event up
+    /// to the checkpoint again, then the usual catch-up continues past it. Idempotent.
+    ///
+    /// Safe while servers run: readers see the old documents until the rebuild commits
+    /// (PostgreSQL; SQLite readers in WAL mode too), and every projector — this node's and
+    /// others' — waits on the checkpoint lock meanwhile, so command responses wait too. On
+    /// SQLite the rebuild holds the database write lock throughout: writers wait up to the
+    /// busy timeout (10 s), so stop the server first for a large SQLite database.
+    pub async fn rebuild(&self, only: Option<ViewKind>) -> Result<RebuildStats, ProjectorError> {
+        let started = std::time::Instant::now();
+        let running = self.running.lock().await;
+        let select_events = format!(
+            "SELECT {} FROM events WHERE position > $1 AND position <= $2 ORDER BY position LIMIT $3",
+            event_columns(self.db.backend())
+        );
+        let (position, events) = with_pool!(&self.db, |pool| {
+            let mut tx = pool.begin().await?;
+            sqlx::query("UPDATE projection_checkpoints SET position = position WHERE name = $1")
+                .bind(CHECKPOINT)
+                .execute(&mut *tx)
+                .await?;
+            let checkpoint: i64 =
+                sqlx::query_scalar("SELECT position FROM projection_checkpoints WHERE name = $1")
+                    .bind(CHECKPOINT)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            match only {
+                Some(kind) => {
+                    sqlx::query("DELETE FROM views WHERE kind = $1")
+                        .bind(kind.as_str())
+                        .execute(&mut *tx)
+                        .await?
+                }
+                None => sqlx::query("DELETE FROM views").execute(&mut *tx).await?,
+            };
+            let (mut after, mut events) = (0i64, 0i64);
+            loop {
+                let rows: Vec<EventRow> = sqlx::query_as(&select_events)
+                    .bind(after)
+                    .bind(checkpoint)
+                    .bind(REBUILD_PAGE)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                let Some(last) = rows.last().map(|r| r.position) else {
+                    break;
+                };
+                events += rows.len() as i64;
+                let page: Vec<StoredEvent> = rows.into_iter().map(StoredEvent::from).collect();
+                fold_into_views!(&mut *tx, page, only);
+                after = last;
+            }
+            tx.commit().await?;
+            (checkpoint, events)
+        });
+        drop(running);
+        let documents: i64 = with_pool!(&self.db, |pool| sqlx::query_scalar(
+            "SELECT COUNT(*) FROM views WHERE $1 IS NULL OR kind = $1"
+        )
+        .bind(only.map(|k| k.as_str()))
+        .fetch_one(pool)
+        .await?);
+        let elapsed = started.elapsed().as_secs_f64();
+        self.catch_up().await?;
+        Ok(RebuildStats {
+            position,
+            events,
+            documents,
+            elapsed_seconds: elapsed,
+        })
+    }
+
     /// One transaction: lock the checkpoint, fold the next batch, write documents and checkpoint.
     async fn apply_batch(&self) -> Result<(i64, i64), ProjectorError> {
         let backend = self.db.backend();
@@ -147,45 +322,8 @@ impl Projector {
                 return Ok((checkpoint, 0));
             };
             let count = rows.len() as i64;
-            let mut docs: HashMap<(ViewKind, String), (ViewDoc, i64)> = HashMap::new();
-            for row in rows {
-                let event = StoredEvent::from(row);
-                let Some(key) = projections::target(&event) else {
-                    continue;
-                };
-                let current = match docs.get(&key) {
-                    Some((doc, _)) => Some(doc.payload.clone()),
-                    None => {
-                        sqlx::query_scalar("SELECT payload FROM views WHERE kind = $1 AND id = $2")
-                            .bind(key.0.as_str())
-                            .bind(&key.1)
-                            .fetch_optional(&mut *tx)
-                            .await?
-                    }
-                };
-                let doc = projections::apply(key.0, current, &event)?;
-                docs.insert(key, (doc, event.position));
-            }
-            for (doc, position) in docs.into_values() {
-                sqlx::query(
-                    "INSERT INTO views (kind, id, owner_user_id, wallet_address, api_key_id, \
-                     status, created_position, position, payload) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8) \
-                     ON CONFLICT (kind, id) DO UPDATE SET owner_user_id = excluded.owner_user_id, \
-                     wallet_address = excluded.wallet_address, api_key_id = excluded.api_key_id, \
-                     status = excluded.status, position = excluded.position, payload = excluded.payload",
-                )
-                .bind(doc.kind.as_str())
-                .bind(&doc.id)
-                .bind(&doc.owner_user_id)
-                .bind(&doc.wallet_address)
-                .bind(&doc.api_key_id)
-                .bind(&doc.status)
-                .bind(position)
-                .bind(&doc.payload)
-                .execute(&mut *tx)
-                .await?;
-            }
+            let events: Vec<StoredEvent> = rows.into_iter().map(StoredEvent::from).collect();
+            fold_into_views!(&mut *tx, events, None::<ViewKind>);
             sqlx::query("UPDATE projection_checkpoints SET position = $1 WHERE name = $2")
                 .bind(last)
                 .bind(CHECKPOINT)

@@ -344,7 +344,9 @@ pub type Cqrs<A> = CqrsFramework<A, PersistedEventStore<EventRepository, A>>;
 /// projector from the event log, which never misses an event.
 pub fn cqrs<A: Aggregate>(db: &Db, services: A::Services) -> Cqrs<A> {
     CqrsFramework::new(
-        PersistedEventStore::new_event_store(db.event_repository()),
+        // Old event shapes are upcast on load (see `upcast`).
+        PersistedEventStore::new_event_store(db.event_repository())
+            .with_upcasters(crate::upcast::upcasters()),
         vec![],
         services,
     )
@@ -379,15 +381,43 @@ impl Actor {
         }
     }
 
+    /// Someone not (yet) authenticated, e.g. a login attempt.
+    pub fn anonymous() -> Self {
+        Self {
+            kind: "anonymous",
+            id: String::new(),
+        }
+    }
+
+    /// The operator, acting through the `countersign` command line.
+    pub fn operator() -> Self {
+        Self {
+            kind: "operator",
+            id: "operator".to_owned(),
+        }
+    }
+
     pub fn metadata(&self, request_id: &str) -> HashMap<String, String> {
         let now = time::OffsetDateTime::now_utc()
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default();
-        HashMap::from([
+        let mut metadata = HashMap::from([
             ("actor".to_owned(), self.id.clone()),
             ("actor_type".to_owned(), self.kind.to_owned()),
             ("request_id".to_owned(), request_id.to_owned()),
             ("time".to_owned(), now),
-        ])
+        ]);
+        // The client address of the HTTP request being served, if any (see `SOURCE_IP`).
+        if let Ok(ip) = SOURCE_IP.try_with(|ip| ip.to_string()) {
+            metadata.insert("source_ip".to_owned(), ip);
+        }
+        metadata
     }
+}
+
+tokio::task_local! {
+    /// The peer address of the HTTP request a task is serving, set by the HTTP layer for the
+    /// whole request so every event it causes records where it came from. The direct peer
+    /// only: `X-Forwarded-For` is not trusted.
+    pub static SOURCE_IP: std::net::IpAddr;
 }

@@ -16,6 +16,10 @@ pub fn spawn_all(state: AppState) -> Vec<JoinHandle<()>> {
         tokio::spawn(state.hub.clone().run(state.projector.subscribe())),
         tokio::spawn(state.hub.clone().listen()),
         tokio::spawn(projection_loop(state.clone())),
+        tokio::spawn(crate::audit::seal_loop(
+            state.sealer.clone(),
+            state.poll_interval,
+        )),
         tokio::spawn(expiry_loop(state.clone())),
         tokio::spawn(receipt_loop(state)),
     ]

@@ -5,6 +5,7 @@
 //! implemented by the server crate. Event names and shapes are a public format.
 
 pub mod api_key;
+pub mod security_log;
 pub mod transaction;
 pub mod types;
 pub mod user;
@@ -17,5 +18,6 @@ pub use transaction::{
     TransactionPrepared, TransactionServices, TransactionSigner, TransactionStatus, TxPayload,
 };
 pub use types::{Address, Amount, HexBytes, ParseError};
-pub use user::{MfaVerifier, User, UserCommand, UserError, UserEvent, UserServices};
+pub use security_log::{SecurityLog, SecurityLogCommand, SecurityLogError, SecurityLogEvent};
+pub use user::{MfaVerifier, Role, User, UserCommand, UserError, UserEvent, UserServices};
 pub use wallet::{Wallet, WalletCommand, WalletError, WalletEvent};

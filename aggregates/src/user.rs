@@ -3,7 +3,9 @@
 //! state and only later steps pass, so a code cannot be replayed, even by two concurrent
 //! requests (the loser of the race hits an optimistic-concurrency conflict and re-checks).
 //! TOTP secrets never appear here: events name a `secret_id`, and [`MfaVerifier`] resolves it.
+//! Roles (e.g. `auditor`) are granted and revoked by an operator, as events on the user.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -33,13 +35,37 @@ pub enum UserCommand {
         purpose: String,
         now: OffsetDateTime,
     },
+    /// An operator grants a role.
+    GrantRole { role: Role, now: OffsetDateTime },
+    /// An operator revokes a role.
+    RevokeRole { role: Role, now: OffsetDateTime },
+}
+
+/// Extra capabilities a user can hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Reads the whole event history and its integrity proofs; no extra write rights.
+    Auditor,
+}
+
+impl Role {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Auditor => "auditor",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum UserEvent {
+    /// Version 1.1 added `username_key` (1.0 events are upcast on load, see the server's
+    /// `upcast` module).
     UserRegistered {
         user_id: String,
         username: String,
+        /// The case-folded username: what makes usernames unique.
+        username_key: String,
         #[serde(with = "time::serde::rfc3339")]
         registered_at: OffsetDateTime,
     },
@@ -61,6 +87,16 @@ pub enum UserEvent {
         #[serde(with = "time::serde::rfc3339")]
         accepted_at: OffsetDateTime,
     },
+    RoleGranted {
+        role: Role,
+        #[serde(with = "time::serde::rfc3339")]
+        granted_at: OffsetDateTime,
+    },
+    RoleRevoked {
+        role: Role,
+        #[serde(with = "time::serde::rfc3339")]
+        revoked_at: OffsetDateTime,
+    },
 }
 
 impl DomainEvent for UserEvent {
@@ -70,12 +106,18 @@ impl DomainEvent for UserEvent {
             Self::MfaSetupStarted { .. } => "MfaSetupStarted",
             Self::MfaEnabled { .. } => "MfaEnabled",
             Self::MfaCodeAccepted { .. } => "MfaCodeAccepted",
+            Self::RoleGranted { .. } => "RoleGranted",
+            Self::RoleRevoked { .. } => "RoleRevoked",
         }
         .to_owned()
     }
 
     fn event_version(&self) -> String {
-        "1.0".to_owned()
+        match self {
+            Self::UserRegistered { .. } => "1.1",
+            _ => "1.0",
+        }
+        .to_owned()
     }
 }
 
@@ -97,6 +139,10 @@ pub enum UserError {
     MfaCodeReplayed,
     #[error("MFA verification unavailable: {0}")]
     Verifier(String),
+    #[error("the user already has the role {0}")]
+    RoleAlreadyGranted(&'static str),
+    #[error("the user does not have the role {0}")]
+    RoleNotGranted(&'static str),
 }
 
 /// Resolves a secret id and checks a code against it.
@@ -120,11 +166,17 @@ pub struct User {
     active_secret_id: Option<String>,
     pending_secret_id: Option<String>,
     last_used_step: Option<u64>,
+    #[serde(default)]
+    roles: BTreeSet<Role>,
 }
 
 impl User {
     pub fn mfa_enabled(&self) -> bool {
         self.active_secret_id.is_some()
+    }
+
+    pub fn has_role(&self, role: Role) -> bool {
+        self.roles.contains(&role)
     }
 
     /// Verify `code` against `secret_id` and return the earliest matching step not yet used.
@@ -178,6 +230,7 @@ impl Aggregate for User {
                 }
                 let event = UserEvent::UserRegistered {
                     user_id,
+                    username_key: username.to_lowercase(),
                     username,
                     registered_at: now,
                 };
@@ -231,6 +284,26 @@ impl Aggregate for User {
                 };
                 sink.write(event, self).await;
             }
+            UserCommand::GrantRole { role, now } => {
+                if self.roles.contains(&role) {
+                    return Err(UserError::RoleAlreadyGranted(role.as_str()));
+                }
+                let event = UserEvent::RoleGranted {
+                    role,
+                    granted_at: now,
+                };
+                sink.write(event, self).await;
+            }
+            UserCommand::RevokeRole { role, now } => {
+                if !self.roles.contains(&role) {
+                    return Err(UserError::RoleNotGranted(role.as_str()));
+                }
+                let event = UserEvent::RoleRevoked {
+                    role,
+                    revoked_at: now,
+                };
+                sink.write(event, self).await;
+            }
         }
         Ok(())
     }
@@ -249,6 +322,12 @@ impl Aggregate for User {
                 self.last_used_step = Some(step);
             }
             UserEvent::MfaCodeAccepted { step, .. } => self.last_used_step = Some(step),
+            UserEvent::RoleGranted { role, .. } => {
+                self.roles.insert(role);
+            }
+            UserEvent::RoleRevoked { role, .. } => {
+                self.roles.remove(&role);
+            }
         }
     }
 }
@@ -287,7 +366,8 @@ mod tests {
     fn registered() -> UserEvent {
         UserEvent::UserRegistered {
             user_id: "u1".into(),
-            username: "alice".into(),
+            username: "Alice".into(),
+            username_key: "alice".into(),
             registered_at: NOW,
         }
     }
@@ -320,7 +400,7 @@ mod tests {
     fn registers_once() {
         let cmd = UserCommand::Register {
             user_id: "u1".into(),
-            username: "alice".into(),
+            username: "Alice".into(),
             now: NOW,
         };
         framework()
@@ -450,6 +530,44 @@ mod tests {
                 },
                 started("B"),
             ]);
+    }
+
+    #[test]
+    fn roles_are_granted_once_and_revoked_only_when_held() {
+        let grant = |role| UserCommand::GrantRole { role, now: NOW };
+        let granted = UserEvent::RoleGranted {
+            role: Role::Auditor,
+            granted_at: NOW,
+        };
+        framework()
+            .given(vec![registered()])
+            .when(grant(Role::Auditor))
+            .then_expect_events(vec![granted.clone()]);
+        framework()
+            .given(vec![registered(), granted.clone()])
+            .when(grant(Role::Auditor))
+            .then_expect_error(UserError::RoleAlreadyGranted("auditor"));
+        framework()
+            .given(vec![registered()])
+            .when(UserCommand::RevokeRole {
+                role: Role::Auditor,
+                now: NOW,
+            })
+            .then_expect_error(UserError::RoleNotGranted("auditor"));
+        framework()
+            .given(vec![registered(), granted])
+            .when(UserCommand::RevokeRole {
+                role: Role::Auditor,
+                now: NOW,
+            })
+            .then_expect_events(vec![UserEvent::RoleRevoked {
+                role: Role::Auditor,
+                revoked_at: NOW,
+            }]);
+        framework()
+            .given_no_previous_events()
+            .when(grant(Role::Auditor))
+            .then_expect_error(UserError::NotFound);
     }
 
     #[test]

@@ -328,6 +328,16 @@ pub struct UserView {
     pub mfa_enabled: bool,
     pub mfa_pending: bool,
     pub registered_at: String,
+    /// Roles granted by an operator (e.g. `auditor`); absent in documents stored before roles
+    /// existed.
+    #[serde(default)]
+    pub roles: Vec<String>,
+}
+
+impl UserView {
+    pub fn has_role(&self, role: aggregates::Role) -> bool {
+        self.roles.iter().any(|r| r == role.as_str())
+    }
 }
 
 impl View for UserView {
@@ -339,6 +349,7 @@ impl View for UserView {
             user_id,
             username,
             registered_at,
+            ..
         } = event
         else {
             return None;
@@ -349,6 +360,7 @@ impl View for UserView {
             mfa_enabled: false,
             mfa_pending: false,
             registered_at: rfc3339(registered_at),
+            roles: vec![],
         })
     }
 
@@ -359,6 +371,13 @@ impl View for UserView {
                 self.mfa_enabled = true;
                 self.mfa_pending = false;
             }
+            UserEvent::RoleGranted { role, .. } => {
+                if !self.has_role(role) {
+                    self.roles.push(role.as_str().to_owned());
+                    self.roles.sort();
+                }
+            }
+            UserEvent::RoleRevoked { role, .. } => self.roles.retain(|r| r != role.as_str()),
             UserEvent::UserRegistered { .. } | UserEvent::MfaCodeAccepted { .. } => {}
         }
     }

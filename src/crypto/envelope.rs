@@ -21,6 +21,8 @@ const HEADER_LEN: usize = 1 + NONCE_LEN + WRAPPED_LEN + NONCE_LEN;
 pub enum Purpose {
     WalletKey,
     TotpSecret,
+    /// The Ed25519 key that signs audit checkpoints.
+    AuditSigningKey,
 }
 
 impl Purpose {
@@ -28,6 +30,7 @@ impl Purpose {
         match self {
             Self::WalletKey => "wallet-key",
             Self::TotpSecret => "totp-secret",
+            Self::AuditSigningKey => "audit-signing-key",
         }
     }
 }

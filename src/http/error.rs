@@ -169,7 +169,16 @@ impl From<UserError> for ApiError {
             UserError::InvalidMfaCode => Self::forbidden("invalid_mfa_code", msg),
             UserError::MfaCodeReplayed => Self::forbidden("mfa_code_replayed", msg),
             UserError::Verifier(_) => Self::internal(msg),
+            UserError::RoleAlreadyGranted(_) | UserError::RoleNotGranted(_) => {
+                Self::conflict("role_unchanged", msg)
+            }
         }
+    }
+}
+
+impl From<aggregates::SecurityLogError> for ApiError {
+    fn from(e: aggregates::SecurityLogError) -> Self {
+        Self::internal(e)
     }
 }
 

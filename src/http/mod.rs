@@ -1,6 +1,7 @@
 //! The HTTP surface: routes (the Flask project's paths kept), middleware, JSON errors.
 
 mod api_keys;
+mod audit;
 mod error;
 mod extract;
 mod transactions;
@@ -52,6 +53,10 @@ pub fn router(state: AppState) -> Router {
         .route("/transactions/{id}/wait", get(ws::wait))
         .route("/ws_ticket", post(ws::issue_ticket))
         .route("/ws", get(ws::ws))
+        .route("/audit/events", get(audit::events))
+        .route("/audit/transactions/{id}", get(audit::transaction))
+        .route("/audit/verify", get(audit::verify))
+        .route("/audit/public_key", get(audit::public_key))
         .route("/openapi.json", get(openapi));
 
     Router::new()
@@ -71,6 +76,7 @@ pub fn router(state: AppState) -> Router {
             HeaderValue::from_static("nosniff"),
         ))
         .layer(axum::middleware::from_fn(request_timeout))
+        .layer(axum::middleware::from_fn(record_source_ip))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::internal("handler panicked").into_response()
         }))
@@ -111,6 +117,21 @@ async fn healthz(axum::extract::State(state): axum::extract::State<AppState>) ->
             )
             .into_response()
         }
+    }
+}
+
+/// Serve the request with its client address in scope, so the events it causes record it.
+async fn record_source_ip(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
+    match peer {
+        Some(ip) => crate::store::SOURCE_IP.scope(ip, next.run(req)).await,
+        None => next.run(req).await,
     }
 }
 

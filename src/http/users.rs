@@ -1,6 +1,6 @@
 //! Accounts: register, login, MFA enrolment, and the caller's own profile.
 
-use aggregates::UserCommand;
+use aggregates::{SecurityLogCommand, UserCommand};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
@@ -77,6 +77,7 @@ pub struct LoginRequest {
 /// Unknown user and wrong password take the same path and time and give the same answer.
 pub async fn login(
     State(state): State<AppState>,
+    RequestId(request_id): RequestId,
     ApiJson(body): ApiJson<LoginRequest>,
 ) -> ApiResult<Json<Value>> {
     let found = if body.username.len() <= 64 {
@@ -89,7 +90,17 @@ pub async fn login(
         None => (None, None),
     };
     let ok = verify_password(body.password.0, hash).await?;
-    let user_id = match (ok, user_id) {
+    let success = ok && user_id.is_some();
+    // Every attempt is in the history, with its source address; the same work either way.
+    record_login(
+        &state,
+        user_id.clone(),
+        &body.username,
+        success,
+        &request_id,
+    )
+    .await?;
+    let user_id = match (success, user_id) {
         (true, Some(id)) => id,
         _ => return Err(ApiError::unauthorized("invalid username or password")),
     };
@@ -99,6 +110,30 @@ pub async fn login(
         "token_type": "Bearer",
         "expires_in": state.jwt.ttl_secs(),
     })))
+}
+
+/// Append a `LoginSucceeded` / `LoginFailed` event on a fresh `SecurityLog` instance.
+async fn record_login(
+    state: &AppState,
+    user_id: Option<String>,
+    username: &str,
+    success: bool,
+    request_id: &str,
+) -> ApiResult<()> {
+    let actor = match (&user_id, success) {
+        (Some(id), true) => Actor::user(id),
+        _ => Actor::anonymous(),
+    };
+    let command = SecurityLogCommand::RecordLogin {
+        user_id,
+        username: username.chars().take(64).collect(),
+        success,
+        now: OffsetDateTime::now_utc(),
+    };
+    let id = uuid::Uuid::new_v4().to_string();
+    state
+        .execute(&state.security_log, &id, command, &actor, request_id)
+        .await
 }
 
 /// Check the caller's password (for sensitive actions on top of the token).
@@ -245,5 +280,6 @@ pub async fn me(State(state): State<AppState>, user: AuthUser) -> ApiResult<Json
         "username": profile.username,
         "mfa_enabled": profile.mfa_enabled,
         "mfa_pending": profile.mfa_pending,
+        "roles": profile.roles,
     })))
 }
