@@ -2,6 +2,7 @@
 //! [`AppState`], binds the listener (port 0 works, for tests) and runs the server with its
 //! background workers until shutdown.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,6 +43,13 @@ pub struct Inner {
     pub nonces: NonceManager,
     pub default_expiry: Duration,
     pub poll_interval: Duration,
+    /// Cap on an execution's max fee per gas (wei); `None`: no cap.
+    pub max_fee_per_gas_cap: Option<u128>,
+    /// See [`Config::crash_after_sign_for_tests`].
+    pub crash_after_sign_for_tests: bool,
+    /// Set by the crash test hook: this instance behaves as a dead process and broadcasts
+    /// nothing more.
+    halted: AtomicBool,
 }
 
 #[derive(Clone)]
@@ -79,10 +87,23 @@ impl AppState {
             nonces: NonceManager::default(),
             default_expiry: config.default_expiry,
             poll_interval: config.poll_interval,
+            max_fee_per_gas_cap: config.max_fee_per_gas_cap,
+            crash_after_sign_for_tests: config.crash_after_sign_for_tests,
+            halted: AtomicBool::new(false),
             master_key,
             keyring,
             db,
         })))
+    }
+
+    /// Test hook: stop broadcasting, as a crashed process would (see
+    /// [`Config::crash_after_sign_for_tests`]).
+    pub fn halt(&self) {
+        self.halted.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_halted(&self) -> bool {
+        self.halted.load(Ordering::SeqCst)
     }
 
     /// Run a command with its actor recorded in every event's metadata, retrying lost

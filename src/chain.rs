@@ -1,12 +1,13 @@
-//! The chain: JSON-RPC through alloy, transaction signing with server-held keys, and the
-//! per-wallet nonce manager. Private keys exist in memory only inside [`KeyringSigner::sign`],
-//! zeroized when it returns.
+//! The chain: JSON-RPC through alloy (simulation, fees, token metadata, broadcast, receipts),
+//! transaction signing with server-held keys, and the per-wallet nonce manager. Private keys
+//! exist in memory only inside [`KeyringSigner::sign`], zeroized when it returns.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::Duration;
 
+use aggregates::transaction::summary::TokenInfo;
 use aggregates::{Address, SignedTransaction, SigningRequest, TransactionSigner};
 use alloy::consensus::{SignableTransaction, TxEip1559, TxEnvelope};
 use alloy::eips::eip2718::Encodable2718;
@@ -16,6 +17,7 @@ use alloy::providers::{Provider, RootProvider};
 use alloy::rpc::types::TransactionRequest;
 use alloy::signers::local::PrivateKeySigner;
 use alloy::signers::SignerSync;
+use alloy::sol_types::SolValue;
 use alloy::transports::{RpcError, TransportErrorKind};
 use async_trait::async_trait;
 use tokio::sync::{Mutex, OnceCell};
@@ -25,6 +27,16 @@ use crate::crypto::{MasterKey, Purpose};
 use crate::store::Db;
 
 const RPC_TIMEOUT: Duration = Duration::from_secs(10);
+/// Headroom over the node's gas estimate.
+const GAS_MARGIN_PERCENT: u64 = 20;
+/// `symbol()` and `decimals()`, the ERC20 metadata a summary needs.
+const ERC20_SYMBOL: [u8; 4] = [0x95, 0xd8, 0x9b, 0x41];
+const ERC20_DECIMALS: [u8; 4] = [0x31, 0x3c, 0xe5, 0x67];
+
+/// The gas limit to sign for a call the node estimated at `estimate`.
+pub fn gas_limit_for(estimate: u64) -> u64 {
+    estimate.saturating_add(estimate * GAS_MARGIN_PERCENT / 100)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChainError {
@@ -55,6 +67,39 @@ pub fn from_alloy(a: primitives::Address) -> Address {
 
 pub fn to_u256(amount: &aggregates::Amount) -> U256 {
     U256::from_be_bytes(amount.to_be_bytes())
+}
+
+/// What simulating a call as the wallet would send it showed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallOutcome {
+    /// The call succeeds; the node's gas estimate.
+    Success { gas: u64 },
+    /// The call would fail: a readable reason (the decoded `Error(string)` when the contract
+    /// gave one, else the node's message) and the raw revert data (empty if none).
+    Reverted { reason: String, data: Vec<u8> },
+}
+
+/// Run one simulation step: a node error answer means the call fails (`Ok(Err(..))`); no
+/// answer means the chain is unavailable.
+async fn simulation_step<T>(
+    fut: impl std::future::Future<Output = Result<T, RpcError<TransportErrorKind>>>,
+) -> Result<Result<T, CallOutcome>, ChainError> {
+    match tokio::time::timeout(RPC_TIMEOUT, fut).await {
+        Err(_) => Err(ChainError::Unavailable("timed out".into())),
+        Ok(Ok(v)) => Ok(Ok(v)),
+        Ok(Err(e)) => match e.as_error_resp() {
+            Some(payload) => {
+                let data = payload
+                    .as_revert_data()
+                    .map(|b| b.to_vec())
+                    .unwrap_or_default();
+                let reason =
+                    crate::abi::decode_revert(&data).unwrap_or_else(|| payload.message.to_string());
+                Ok(Err(CallOutcome::Reverted { reason, data }))
+            }
+            None => Err(ChainError::Unavailable(e.to_string())),
+        },
+    }
 }
 
 /// What a mined receipt says.
@@ -102,6 +147,17 @@ impl Chain {
         timed(self.provider.get_balance(to_alloy(address)).into_future()).await
     }
 
+    /// How many transactions from `address` are mined (the next nonce, if none is pending).
+    pub async fn mined_nonce(&self, address: &Address) -> Result<u64, ChainError> {
+        timed(
+            self.provider
+                .get_transaction_count(to_alloy(address))
+                .latest()
+                .into_future(),
+        )
+        .await
+    }
+
     pub async fn pending_nonce(&self, address: &Address) -> Result<u64, ChainError> {
         timed(
             self.provider
@@ -133,13 +189,76 @@ impl Chain {
         timed(self.provider.estimate_gas(request).into_future()).await
     }
 
-    /// Broadcast a signed transaction. "Already known" counts as success: rebroadcasting the
-    /// same bytes after a crash is how execution recovers.
+    /// Simulate the call exactly as the wallet would send it: `eth_call` (does it revert, and
+    /// why?), then `eth_estimateGas`.
+    pub async fn simulate(
+        &self,
+        from: &Address,
+        to: &Address,
+        value: U256,
+        data: &[u8],
+    ) -> Result<CallOutcome, ChainError> {
+        let request = TransactionRequest::default()
+            .with_from(to_alloy(from))
+            .with_to(to_alloy(to))
+            .with_value(value)
+            .with_input(Bytes::copy_from_slice(data));
+        if let Err(reverted) =
+            simulation_step(self.provider.call(request.clone()).into_future()).await?
+        {
+            return Ok(reverted);
+        }
+        Ok(
+            match simulation_step(self.provider.estimate_gas(request).into_future()).await? {
+                Ok(gas) => CallOutcome::Success { gas },
+                Err(reverted) => reverted,
+            },
+        )
+    }
+
+    /// A read-only call's return data.
+    async fn read(&self, to: &Address, data: &[u8]) -> Result<Bytes, ChainError> {
+        let request = TransactionRequest::default()
+            .with_to(to_alloy(to))
+            .with_input(Bytes::copy_from_slice(data));
+        timed(self.provider.call(request).into_future()).await
+    }
+
+    /// A token's `symbol()` and `decimals()`, each `None` if the token does not answer it in a
+    /// usable form (`symbol` may be a `string` or, in old tokens, a `bytes32`).
+    pub async fn token_info(&self, token: &Address) -> TokenInfo {
+        let (symbol, decimals) = tokio::join!(
+            self.read(token, &ERC20_SYMBOL),
+            self.read(token, &ERC20_DECIMALS)
+        );
+        let symbol = symbol.ok().and_then(|out| {
+            String::abi_decode(&out).ok().or_else(|| {
+                (out.len() == 32)
+                    .then(|| out.iter().take_while(|b| **b != 0).copied().collect())
+                    .and_then(|bytes| String::from_utf8(bytes).ok())
+            })
+        });
+        let decimals = decimals.ok().and_then(|out| {
+            let word: [u8; 32] = out.as_ref().try_into().ok()?;
+            word[..31].iter().all(|b| *b == 0).then_some(word[31])
+        });
+        TokenInfo::new(symbol.as_deref(), decimals)
+    }
+
+    /// Broadcast a signed transaction. A refusal because the node already has these very bytes
+    /// (in its pool, or mined: "already known", "already imported", or "nonce too low" once it
+    /// is mined) counts as success: the same bytes may be sent twice, by the execution and by
+    /// the receipt worker's rebroadcast, which is also how a crash before broadcast recovers.
     pub async fn send_raw(&self, raw: &[u8]) -> Result<(), ChainError> {
         match timed(self.provider.send_raw_transaction(raw)).await {
             Ok(_) => Ok(()),
-            Err(ChainError::Rejected(msg)) if msg.to_lowercase().contains("already known") => {
-                Ok(())
+            Err(ChainError::Rejected(msg)) => {
+                let tx_hash = format!("{:#x}", primitives::keccak256(raw));
+                if self.is_known(&tx_hash).await? {
+                    Ok(())
+                } else {
+                    Err(ChainError::Rejected(msg))
+                }
             }
             Err(e) => Err(e),
         }
@@ -246,21 +365,74 @@ impl TransactionSigner for KeyringSigner {
     }
 }
 
-/// Hands out nonces per wallet. Executions from one wallet are serialized through the wallet's
-/// lock (held from nonce choice until the broadcast outcome is known), so concurrent executions
-/// never collide; the next nonce is the larger of the chain's pending count and our own.
+/// Serializes executions per wallet: the wallet's lock is held from nonce choice until the
+/// broadcast outcome is known (and recorded), so two executions never pick the same nonce.
+/// The nonce itself is not kept here but derived each time by [`next_nonce`] from the chain and
+/// the event-sourced record of signed transactions, so a restart or a failed broadcast leaves
+/// nothing stale behind.
 #[derive(Default)]
 pub struct NonceManager {
-    wallets: std::sync::Mutex<HashMap<Address, Arc<Mutex<Option<u64>>>>>,
+    wallets: std::sync::Mutex<HashMap<Address, Arc<Mutex<()>>>>,
 }
 
 impl NonceManager {
-    pub fn lock_for(&self, wallet: &Address) -> Arc<Mutex<Option<u64>>> {
+    pub fn lock_for(&self, wallet: &Address) -> Arc<Mutex<()>> {
         self.wallets
             .lock()
             .expect("nonce map lock poisoned")
             .entry(*wallet)
             .or_default()
             .clone()
+    }
+}
+
+/// The nonce for a wallet's next transaction: the lowest at or above `mined` (the chain's
+/// count of mined transactions from the wallet) that none of its live signed transactions
+/// (`held`: nonces of transactions recorded as executed, neither confirmed nor failed) holds.
+///
+/// This heals gaps. When a broadcast is rejected, that transaction is recorded as failed and
+/// its nonce is free again; later transactions already signed with higher nonces stay live
+/// (queued in the node's pool behind the gap, or rebroadcast by the receipt worker) and the
+/// next execution takes the freed nonce, after which they can all be mined. The node's own
+/// "pending" count cannot be used: it counts transactions queued behind a gap, so it would
+/// hand out nonces past the gap forever. Deliberately never done: re-signing a stuck
+/// transaction under another nonce (both versions could end up mined) or signing a filler
+/// transaction nobody authorized.
+pub fn next_nonce(mined: u64, held: impl IntoIterator<Item = u64>) -> u64 {
+    let held: BTreeSet<u64> = held.into_iter().filter(|n| *n >= mined).collect();
+    let mut nonce = mined;
+    while held.contains(&nonce) {
+        nonce += 1;
+    }
+    nonce
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_nonce_follows_the_chain_when_nothing_is_in_flight() {
+        assert_eq!(next_nonce(0, []), 0);
+        assert_eq!(next_nonce(7, [3, 5, 6]), 7, "mined ones are ignored");
+    }
+
+    #[test]
+    fn next_nonce_skips_signed_transactions_not_yet_mined() {
+        // Signed and recorded but unknown to the node (crash before broadcast): not reused.
+        assert_eq!(next_nonce(4, [4, 5]), 6);
+    }
+
+    #[test]
+    fn next_nonce_fills_the_gap_a_failed_broadcast_left() {
+        // Nonce 4 was rejected (recorded as failed, so not held); 5 and 6 wait behind it.
+        assert_eq!(next_nonce(4, [5, 6]), 4);
+        // Once 4 is taken again, the next one goes past the queued ones.
+        assert_eq!(next_nonce(4, [4, 5, 6]), 7);
+    }
+
+    #[test]
+    fn gas_limit_has_headroom() {
+        assert_eq!(gas_limit_for(21_000), 25_200);
     }
 }

@@ -41,6 +41,13 @@ pub struct Config {
     pub default_expiry: Duration,
     /// How often background workers (expiry, receipts, projection catch-up) poll.
     pub poll_interval: Duration,
+    /// The most an executed transaction may offer per gas (EIP-1559 `max_fee_per_gas`), wei.
+    /// `None`: no cap. A transaction the network would charge more fails before signing.
+    pub max_fee_per_gas_cap: Option<u128>,
+    /// Test hook, never set from the environment: emulate a crash right after a signed
+    /// transaction is recorded and before it is broadcast. The execute request then answers
+    /// 500 and the instance stops broadcasting (as a dead process would) until restarted.
+    pub crash_after_sign_for_tests: bool,
 }
 
 impl std::fmt::Debug for Config {
@@ -51,6 +58,7 @@ impl std::fmt::Debug for Config {
             .field("chain_url", &self.chain_url.as_str())
             .field("addr", &self.addr)
             .field("jwt_ttl", &self.jwt_ttl)
+            .field("max_fee_per_gas_cap", &self.max_fee_per_gas_cap)
             .finish_non_exhaustive()
     }
 }
@@ -121,6 +129,18 @@ impl Config {
         }
         let expiry_secs: u64 = parse_var("COUNTERSIGN_TX_EXPIRY", 900)?;
         let poll_ms: u64 = parse_var("COUNTERSIGN_POLL_INTERVAL_MS", 500)?;
+        let max_fee_per_gas_cap = match var("COUNTERSIGN_MAX_FEE_PER_GAS_WEI") {
+            None => None,
+            Some(v) => match v.trim().parse::<u128>() {
+                Ok(cap) if cap > 0 => Some(cap),
+                _ => {
+                    return Err(ConfigError::Invalid {
+                        name: "COUNTERSIGN_MAX_FEE_PER_GAS_WEI",
+                        why: "must be a positive integer number of wei".into(),
+                    })
+                }
+            },
+        };
         Ok(Self {
             database_url: var("DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned()),
             chain_url,
@@ -133,6 +153,8 @@ impl Config {
             master_key,
             default_expiry: Duration::from_secs(expiry_secs.max(1)),
             poll_interval: Duration::from_millis(poll_ms.max(10)),
+            max_fee_per_gas_cap,
+            crash_after_sign_for_tests: false,
         })
     }
 }

@@ -2,12 +2,15 @@
 //! a human. This crate is the shell around the domain (`aggregates`) and read side
 //! (`projections`): configuration, storage, HTTP, chain access and cryptography.
 
+pub mod abi;
 pub mod app;
 pub mod audit;
 pub mod chain;
 pub mod cli;
 pub mod config;
 pub mod crypto;
+pub mod execution;
+pub mod explain;
 pub mod http;
 pub mod projector;
 pub mod push;

@@ -360,8 +360,8 @@ impl Db {
         payload.map(decode_view).transpose()
     }
 
-    /// Views of one kind selected by an indexed column (`owner_user_id` or `api_key_id`), newest
-    /// first, optionally filtered by status.
+    /// Views of one kind selected by a column (`owner_user_id`, `api_key_id` or
+    /// `wallet_address`), newest first, optionally filtered by status.
     pub async fn views_by<T: DeserializeOwned>(
         &self,
         kind: ViewKind,
@@ -442,6 +442,7 @@ impl Db {
 pub enum ViewColumn {
     Owner,
     ApiKey,
+    Wallet,
 }
 
 impl ViewColumn {
@@ -449,6 +450,7 @@ impl ViewColumn {
         match self {
             Self::Owner => "owner_user_id",
             Self::ApiKey => "api_key_id",
+            Self::Wallet => "wallet_address",
         }
     }
 }

@@ -79,6 +79,9 @@ async fn receipt_loop(state: AppState) {
     let mut tick = tokio::time::interval(state.poll_interval);
     loop {
         tick.tick().await;
+        if state.is_halted() {
+            return;
+        }
         if let Err(e) = track_receipts(&state).await {
             tracing::warn!(error = %e.message, "receipt pass failed");
         }
@@ -87,6 +90,8 @@ async fn receipt_loop(state: AppState) {
 
 /// For each executed transaction: record its receipt once mined; if the node has never seen
 /// it (crash between signing and broadcast, node restart), rebroadcast the same signed bytes.
+/// A rebroadcast the node refuses fails the transaction, which frees its nonce for the next
+/// execution from the wallet (see `chain::next_nonce`), so later ones are not stuck behind it.
 pub async fn track_receipts(state: &AppState) -> Result<(), crate::http::ApiError> {
     let executed: Vec<TransactionView> = state
         .db
@@ -113,14 +118,35 @@ pub async fn track_receipts(state: &AppState) -> Result<(), crate::http::ApiErro
                 },
                 now,
             },
-            Ok(None) => match rebroadcast_if_unknown(state, &view.transaction_id, tx_hash).await {
-                Ok(()) => continue,
-                Err(ChainError::Rejected(reason)) => TransactionCommand::Fail {
-                    reason: format!("broadcast rejected: {reason}"),
-                    now,
-                },
-                Err(ChainError::Unavailable(_)) => return Ok(()),
-            },
+            Ok(None) => {
+                // An execution from this wallet is under way (it may be broadcasting this very
+                // transaction): leave the wallet alone this round. Holding the lock until a
+                // failure is recorded keeps it from racing a nonce choice.
+                let wallet_lock = state.nonces.lock_for(&view.wallet_address);
+                let Ok(_wallet_guard) = wallet_lock.try_lock() else {
+                    continue;
+                };
+                match rebroadcast_if_unknown(state, &view.transaction_id, tx_hash).await {
+                    Ok(()) => {}
+                    Err(ChainError::Rejected(reason)) => {
+                        let command = TransactionCommand::Fail {
+                            reason: format!("broadcast rejected: {reason}"),
+                            now,
+                        };
+                        let _ = state
+                            .execute(
+                                &state.transactions,
+                                &view.transaction_id,
+                                command,
+                                &actor,
+                                "receipts",
+                            )
+                            .await;
+                    }
+                    Err(ChainError::Unavailable(_)) => return Ok(()),
+                }
+                continue;
+            }
             Err(ChainError::Unavailable(_)) => return Ok(()),
             Err(e) => {
                 tracing::warn!(error = %e, tx_hash, "receipt lookup failed");
@@ -161,6 +187,9 @@ async fn rebroadcast_if_unknown(
     let Some(raw) = raw else {
         return Ok(());
     };
+    if state.is_halted() {
+        return Ok(());
+    }
     tracing::info!(
         tx_hash,
         "rebroadcasting signed transaction the node does not know"

@@ -14,9 +14,10 @@ pub mod wallet;
 pub use api_key::{ApiKey, ApiKeyCommand, ApiKeyError, ApiKeyEvent};
 pub use security_log::{SecurityLog, SecurityLogCommand, SecurityLogError, SecurityLogEvent};
 pub use transaction::{
-    FeeParams, Initiator, PrepareTransaction, ReceiptOutcome, SignedTransaction, SigningRequest,
-    Transaction, TransactionCommand, TransactionError, TransactionEvent, TransactionKind,
-    TransactionPrepared, TransactionServices, TransactionSigner, TransactionStatus, TxPayload,
+    FeeParams, Initiator, PrepareTransaction, PreparedSimulation, ReceiptOutcome,
+    SignedTransaction, SigningRequest, SimulationOutcome, Transaction, TransactionCommand,
+    TransactionError, TransactionEvent, TransactionKind, TransactionPrepared, TransactionServices,
+    TransactionSigner, TransactionStatus, TxPayload,
 };
 pub use types::{Address, Amount, HexBytes, ParseError};
 pub use user::{MfaVerifier, Role, User, UserCommand, UserError, UserEvent, UserServices};

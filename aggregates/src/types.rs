@@ -129,6 +129,36 @@ impl Amount {
         self.0 == "0"
     }
 
+    /// 2^256-1, the largest amount (an "unlimited" ERC20 allowance).
+    pub fn max() -> Self {
+        Self(U256_MAX_DECIMAL.to_owned())
+    }
+
+    pub fn is_max(&self) -> bool {
+        self.0 == U256_MAX_DECIMAL
+    }
+
+    /// From a big-endian 32-byte word (an ABI-encoded `uint256`).
+    pub fn from_be_bytes(word: [u8; 32]) -> Self {
+        let mut n = word;
+        let mut digits = Vec::new();
+        // Repeated division by ten, most significant byte first.
+        while n.iter().any(|b| *b != 0) {
+            let mut rem = 0u32;
+            for byte in n.iter_mut() {
+                let cur = (rem << 8) | u32::from(*byte);
+                *byte = (cur / 10) as u8;
+                rem = cur % 10;
+            }
+            digits.push(b'0' + rem as u8);
+        }
+        if digits.is_empty() {
+            return Self::zero();
+        }
+        digits.reverse();
+        Self(digits.into_iter().map(char::from).collect())
+    }
+
     /// Big-endian 32-byte encoding, as in ABI words.
     pub fn to_be_bytes(&self) -> [u8; 32] {
         let mut out = [0u8; 32];
@@ -341,5 +371,15 @@ mod tests {
         assert_eq!(eth.to_units(18), "1.5");
         assert_eq!(Amount::from(5).to_units(2), "0.05");
         assert_eq!(Amount::from(500).to_units(2), "5");
+    }
+
+    #[test]
+    fn amount_round_trips_through_a_big_endian_word() {
+        for s in ["0", "1", "258", "1500000000000000000", U256_MAX_DECIMAL] {
+            let a: Amount = s.parse().unwrap();
+            assert_eq!(Amount::from_be_bytes(a.to_be_bytes()), a);
+        }
+        assert!(Amount::from_be_bytes([0xff; 32]).is_max());
+        assert_eq!(Amount::max().to_be_bytes(), [0xff; 32]);
     }
 }

@@ -1,8 +1,8 @@
 //! The view documents and how each event changes them.
 
 use aggregates::{
-    Address, Amount, ApiKeyEvent, Initiator, TransactionEvent, TransactionKind, TxPayload,
-    UserEvent, WalletEvent,
+    Address, Amount, ApiKeyEvent, Initiator, SimulationOutcome, TransactionEvent, TransactionKind,
+    TxPayload, UserEvent, WalletEvent,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -66,6 +66,18 @@ pub struct TransactionView {
     /// Exactly what is signed on execution (for ERC20, `to` above is the token recipient).
     pub payload: TxPayload,
     pub payload_digest: String,
+    /// What simulating the call showed at prepare time (`None`: prepared before simulation
+    /// existed). The fields below default so that view documents stored earlier still load.
+    #[serde(default)]
+    pub simulation: Option<SimulationOutcome>,
+    #[serde(default)]
+    pub gas_estimate: Option<u64>,
+    /// Wei, as a decimal string.
+    #[serde(default)]
+    pub max_fee_per_gas: Option<String>,
+    /// The most the network fee could cost (gas limit × max fee per gas), wei.
+    #[serde(default)]
+    pub max_fee_wei: Option<Amount>,
     pub authorized_by: Option<String>,
     pub rejection_reason: Option<String>,
     pub tx_hash: Option<String>,
@@ -114,6 +126,10 @@ impl View for TransactionView {
             summary: p.summary,
             payload: p.payload,
             payload_digest: p.payload_digest,
+            simulation: p.simulation,
+            gas_estimate: p.gas_estimate,
+            max_fee_per_gas: p.max_fee_per_gas.map(|f| f.to_string()),
+            max_fee_wei: p.max_fee_wei,
             authorized_by: None,
             rejection_reason: None,
             tx_hash: None,
@@ -454,6 +470,59 @@ mod tests {
             apply(ViewKind::ApiKey, None, &revoked),
             Err(ProjectionError::MissingView { position: 2, .. })
         ));
+    }
+
+    #[test]
+    fn transaction_views_stored_before_simulation_existed_still_fold() {
+        let payload = json!({
+            "chain_id": 31337,
+            "from": "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed",
+            "to": "0xfB6916095ca1df60bB79Ce92cE3Ea74c37c5d359",
+            "value": "1",
+            "data": "0x"
+        });
+        // An event and a view document in the shapes stored before simulation was added.
+        let prepared = stored(
+            1,
+            "Transaction",
+            "t1",
+            json!({"TransactionPrepared": {
+                "transaction_id": "t1",
+                "wallet_address": "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed",
+                "owner_user_id": "u1",
+                "initiator": {"type": "user", "user_id": "u1"},
+                "kind": "native",
+                "to": "0xfB6916095ca1df60bB79Ce92cE3Ea74c37c5d359",
+                "token_address": null, "amount": null, "memo": null,
+                "summary": "Send 0.000000000000000001 ETH to 0xfB69…d359",
+                "payload": payload,
+                "payload_digest": "00",
+                "prepared_at": "2026-01-01T00:00:00Z",
+                "expires_at": "2026-01-01T00:15:00Z"
+            }}),
+        );
+        let doc = apply(ViewKind::Transaction, None, &prepared).unwrap();
+        let mut old_doc = doc.payload.clone();
+        for field in [
+            "simulation",
+            "gas_estimate",
+            "max_fee_per_gas",
+            "max_fee_wei",
+        ] {
+            assert_eq!(old_doc[field], Value::Null);
+            old_doc.as_object_mut().unwrap().remove(field);
+        }
+        let authorized = stored(
+            2,
+            "Transaction",
+            "t1",
+            json!({"TransactionAuthorized": {"authorized_by": "u1", "payload_digest": "00",
+                "authorized_at": "2026-01-01T00:01:00Z"}}),
+        );
+        let doc = apply(ViewKind::Transaction, Some(old_doc), &authorized).unwrap();
+        let view: TransactionView = serde_json::from_value(doc.payload).unwrap();
+        assert_eq!(view.status, "authorized");
+        assert_eq!(view.simulation, None);
     }
 
     #[test]

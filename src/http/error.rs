@@ -8,6 +8,7 @@ use axum::Json;
 use cqrs_es::AggregateError;
 use serde_json::json;
 
+use crate::abi::AbiError;
 use crate::chain::ChainError;
 use crate::crypto::PasswordError;
 use crate::projector::ProjectorError;
@@ -152,8 +153,15 @@ impl From<TransactionError> for ApiError {
             TransactionError::InvalidState { .. } => Self::conflict("invalid_state", msg),
             TransactionError::AlreadyExecuted { .. } => Self::conflict("already_executed", msg),
             TransactionError::NotDue => Self::conflict("invalid_state", msg),
+            TransactionError::FeeAboveCap { .. } => Self::conflict("fee_above_cap", msg),
             TransactionError::Signing(_) => Self::internal(msg),
         }
+    }
+}
+
+impl From<AbiError> for ApiError {
+    fn from(e: AbiError) -> Self {
+        Self::invalid(&e.field, e.message)
     }
 }
 

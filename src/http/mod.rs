@@ -5,6 +5,7 @@ mod audit;
 mod error;
 mod extract;
 mod transactions;
+mod transfers;
 mod users;
 mod wallets;
 mod web;
@@ -45,8 +46,15 @@ pub fn router(state: AppState) -> Router {
         .route("/api_keys/{id}", delete(api_keys::revoke))
         .route("/prepare_transaction", post(transactions::prepare))
         .route("/authorize_transaction", post(transactions::authorize))
+        .route(
+            "/authorize_transactions",
+            post(transactions::authorize_many),
+        )
         .route("/reject_transaction", post(transactions::reject))
         .route("/execute_transaction", post(transactions::execute))
+        .route("/transfer", post(transfers::transfer))
+        .route("/transfer_erc20", post(transfers::transfer_erc20))
+        .route("/contract_call", post(transfers::contract_call))
         .route("/transaction_status", get(transactions::status))
         .route("/transactions", get(transactions::list))
         .route("/transactions/{id}/events", get(transactions::events))

@@ -1,10 +1,9 @@
-//! The countersigned flow: an agent prepares, the owner authorizes (TOTP) or rejects, the agent
-//! executes once; plus status, listings and per-transaction history.
+//! The countersigned flow: an agent prepares (simulated and summarized for the human), the
+//! owner authorizes (TOTP; one code may authorize a burst) or rejects, the agent executes once;
+//! plus status, listings and per-transaction history.
 
-use aggregates::{
-    Address, Amount, FeeParams, HexBytes, Initiator, PrepareTransaction, TransactionCommand,
-    TransactionKind, TxPayload,
-};
+use aggregates::{Address, Amount, HexBytes, Initiator, PrepareTransaction, TransactionCommand};
+use alloy::json_abi::Function;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
@@ -18,13 +17,15 @@ use super::error::{ApiError, ApiResult};
 use super::extract::{ApiJson, ApiQuery, AuthAgent, AuthUser, Bounded, Caller, MfaCode, RequestId};
 use super::users::use_mfa_code;
 use super::wallets::visible_wallet;
+use crate::abi::{encode_call, ContractAbi};
 use crate::app::AppState;
-use crate::chain::{to_u256, ChainError};
+use crate::execution::{execute_authorized, Executor};
+use crate::explain::{explain, Call, Explained};
 use crate::projector::ViewColumn;
+use crate::store::Actor;
 
-const ERC20_TRANSFER_SELECTOR: [u8; 4] = [0xa9, 0x05, 0x9c, 0xbb];
-/// Headroom over the node's gas estimate.
-const GAS_MARGIN_PERCENT: u64 = 20;
+/// The most transactions one `authorize_transactions` call may cover.
+const MAX_BATCH: usize = 50;
 
 #[derive(Debug, Clone, Copy, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -48,6 +49,9 @@ pub struct PrepareRequest {
     token_address: Option<Address>,
     amount: Option<Amount>,
     data: Option<HexBytes>,
+    contract_abi: Option<Value>,
+    function_name: Option<Bounded<256>>,
+    function_args: Option<Vec<Value>>,
     memo: Option<Bounded<500>>,
     expires_in: Option<u64>,
     user_id: Option<String>,
@@ -67,85 +71,167 @@ fn absent<T>(v: &Option<T>, field: &str, kind: &str) -> ApiResult<()> {
     }
 }
 
-/// ABI-encode `transfer(recipient, amount)`.
-fn erc20_transfer_calldata(recipient: &Address, amount: &Amount) -> HexBytes {
-    let mut data = Vec::with_capacity(4 + 64);
-    data.extend_from_slice(&ERC20_TRANSFER_SELECTOR);
-    data.extend_from_slice(&[0u8; 12]);
-    data.extend_from_slice(recipient.as_bytes());
-    data.extend_from_slice(&amount.to_be_bytes());
-    HexBytes::new(data)
+/// The calldata of a contract call: raw `data`, or encoded from `contract_abi`,
+/// `function_name` and `function_args` (kept, with the ABI, to explain the call).
+pub(super) struct CallData<'a> {
+    pub data: Option<&'a HexBytes>,
+    pub contract_abi: Option<&'a Value>,
+    pub function_name: Option<&'a str>,
+    pub function_args: Option<&'a [Value]>,
 }
 
-struct Shape {
-    kind: TransactionKind,
-    to: Address,
-    call_to: Address,
-    value: Amount,
-    data: HexBytes,
-    token_address: Option<Address>,
-    amount: Option<Amount>,
-}
-
-/// Check which fields each kind takes, and derive the exact payload to sign.
-fn shape(body: &PrepareRequest) -> ApiResult<Shape> {
-    match body.kind {
-        KindInput::Native => {
-            let k = "native";
-            absent(&body.token_address, "token_address", k)?;
-            absent(&body.amount, "amount", k)?;
-            absent(&body.data, "data", k)?;
-            let to = required(body.to, "to", k)?;
-            Ok(Shape {
-                kind: TransactionKind::Native,
-                to,
-                call_to: to,
-                value: required(body.value.clone(), "value", k)?,
-                data: HexBytes::default(),
-                token_address: None,
-                amount: None,
-            })
+impl CallData<'_> {
+    pub(super) fn encode(self) -> ApiResult<(HexBytes, Option<(ContractAbi, Function)>)> {
+        let encoded_form = self.contract_abi.is_some()
+            || self.function_name.is_some()
+            || self.function_args.is_some();
+        if self.data.is_some() && encoded_form {
+            return Err(ApiError::invalid(
+                "data",
+                "give either data or contract_abi with function_name and function_args, not both",
+            ));
         }
-        KindInput::Erc20 => {
-            let k = "erc20";
-            absent(&body.value, "value", k)?;
+        match (self.data, self.contract_abi) {
+            (Some(data), _) => {
+                if data.as_slice().len() < 4 {
+                    return Err(ApiError::invalid(
+                        "data",
+                        "calldata must hold at least a 4-byte function selector",
+                    ));
+                }
+                Ok((data.clone(), None))
+            }
+            (None, None) if encoded_form => Err(ApiError::invalid(
+                "contract_abi",
+                "contract_abi is required with function_name and function_args",
+            )),
+            (None, None) => Err(ApiError::invalid(
+                "data",
+                "a contract call needs data, or contract_abi, function_name and function_args",
+            )),
+            (None, Some(abi)) => {
+                let abi = ContractAbi::parse(abi)?;
+                let name = self.function_name.ok_or_else(|| {
+                    ApiError::invalid(
+                        "function_name",
+                        "function_name is required with contract_abi",
+                    )
+                })?;
+                let args = self.function_args.unwrap_or_default();
+                let function = abi.function(name, args.len())?.clone();
+                let data = encode_call(&function, args)?;
+                Ok((HexBytes::new(data), Some((abi, function))))
+            }
+        }
+    }
+}
+
+/// Check which fields each kind takes, and derive the exact call to sign.
+fn shape(body: &PrepareRequest) -> ApiResult<Call> {
+    match body.kind {
+        KindInput::Native | KindInput::Erc20 => {
+            let k = match body.kind {
+                KindInput::Erc20 => "erc20",
+                _ => "native",
+            };
             absent(&body.data, "data", k)?;
+            absent(&body.contract_abi, "contract_abi", k)?;
+            absent(&body.function_name, "function_name", k)?;
+            absent(&body.function_args, "function_args", k)?;
             let to = required(body.to, "to", k)?;
-            let token = required(body.token_address, "token_address", k)?;
-            let amount = required(body.amount.clone(), "amount", k)?;
-            Ok(Shape {
-                kind: TransactionKind::Erc20,
-                to,
-                call_to: token,
-                value: Amount::zero(),
-                data: erc20_transfer_calldata(&to, &amount),
-                token_address: Some(token),
-                amount: Some(amount),
-            })
+            if matches!(body.kind, KindInput::Native) {
+                absent(&body.token_address, "token_address", k)?;
+                absent(&body.amount, "amount", k)?;
+                Ok(Call::native(to, required(body.value.clone(), "value", k)?))
+            } else {
+                absent(&body.value, "value", k)?;
+                let token = required(body.token_address, "token_address", k)?;
+                let amount = required(body.amount.clone(), "amount", k)?;
+                Ok(Call::erc20_transfer(token, to, amount))
+            }
         }
         KindInput::ContractCall => {
             let k = "contract_call";
             absent(&body.token_address, "token_address", k)?;
             absent(&body.amount, "amount", k)?;
             let to = required(body.to, "to", k)?;
-            let data = required(body.data.clone(), "data", k)?;
-            if data.as_slice().len() < 4 {
-                return Err(ApiError::invalid(
-                    "data",
-                    "calldata must hold at least a 4-byte function selector",
-                ));
+            let (data, abi) = CallData {
+                data: body.data.as_ref(),
+                contract_abi: body.contract_abi.as_ref(),
+                function_name: body.function_name.as_ref().map(|n| n.0.as_str()),
+                function_args: body.function_args.as_deref(),
             }
-            Ok(Shape {
-                kind: TransactionKind::ContractCall,
+            .encode()?;
+            Ok(Call::contract(
                 to,
-                call_to: to,
-                value: body.value.clone().unwrap_or_else(Amount::zero),
+                body.value.clone().unwrap_or_else(Amount::zero),
                 data,
-                token_address: None,
-                amount: None,
-            })
+                abi,
+            ))
         }
     }
+}
+
+/// A prompt for the wallet's owner: the call, how it was explained, who asked and why.
+pub(super) struct Prompt {
+    pub initiator: Initiator,
+    pub call: Call,
+    pub explained: Explained,
+    pub memo: Option<String>,
+    pub expires_in: time::Duration,
+}
+
+/// Record `prompt` for a call from `wallet` (`TransactionPrepared`). Returns the new
+/// transaction's id and deadline.
+pub(super) async fn record_prepared(
+    state: &AppState,
+    wallet: &projections::WalletView,
+    prompt: Prompt,
+    actor: &Actor,
+    request_id: &str,
+) -> ApiResult<(String, OffsetDateTime)> {
+    let Prompt {
+        initiator,
+        call,
+        explained,
+        memo,
+        expires_in,
+    } = prompt;
+    let payload = call.payload(wallet.chain_id, wallet.wallet_address);
+    let now = OffsetDateTime::now_utc();
+    let expires_at = now + expires_in;
+    let transaction_id = Uuid::new_v4().to_string();
+    let command = TransactionCommand::Prepare(Box::new(PrepareTransaction {
+        transaction_id: transaction_id.clone(),
+        wallet_address: wallet.wallet_address,
+        owner_user_id: wallet.owner_user_id.clone(),
+        initiator,
+        kind: call.kind,
+        to: call.to,
+        token_address: call.token_address,
+        amount: call.amount,
+        memo,
+        summary: explained.summary,
+        payload,
+        simulation: explained.simulation,
+        now,
+        expires_at,
+    }));
+    state
+        .execute(
+            &state.transactions,
+            &transaction_id,
+            command,
+            actor,
+            request_id,
+        )
+        .await?;
+    Ok((transaction_id, expires_at))
+}
+
+pub(super) fn rfc3339(t: OffsetDateTime) -> ApiResult<String> {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .map_err(ApiError::internal)
 }
 
 pub async fn prepare(
@@ -171,65 +257,38 @@ pub async fn prepare(
             format!("expires_in must be between 1 and {max_expiry} seconds"),
         ));
     }
-    let shape = shape(&body)?;
+    let call = shape(&body)?;
     let caller = Caller::Agent(agent);
     let wallet = visible_wallet(&state, &caller, &body.wallet_address).await?;
     let Caller::Agent(agent) = caller else {
         unreachable!("constructed as an agent above")
     };
-    let payload = TxPayload {
-        chain_id: wallet.chain_id,
-        from: wallet.wallet_address,
-        to: shape.call_to,
-        value: shape.value,
-        data: shape.data,
-    };
-    let summary = aggregates::transaction::summarize(
-        shape.kind,
-        &shape.to,
-        &payload.value,
-        shape.token_address.as_ref(),
-        shape.amount.as_ref(),
-        &payload.data,
-    );
-    let now = OffsetDateTime::now_utc();
-    let expires_at = now + time::Duration::seconds(expires_in as i64);
-    let transaction_id = Uuid::new_v4().to_string();
-    let command = TransactionCommand::Prepare(Box::new(PrepareTransaction {
-        transaction_id: transaction_id.clone(),
-        wallet_address: wallet.wallet_address,
-        owner_user_id: wallet.owner_user_id,
+    let payload = call.payload(wallet.chain_id, wallet.wallet_address);
+    let explained = explain(&state.chain, &call, &payload).await;
+    let summary = explained.summary.clone();
+    let simulation = explained.simulation.clone();
+    let prompt = Prompt {
         initiator: Initiator::Agent {
             api_key_id: agent.key.api_key_id.clone(),
             api_key_name: agent.key.name.clone(),
         },
-        kind: shape.kind,
-        to: shape.to,
-        token_address: shape.token_address,
-        amount: shape.amount,
+        call,
+        explained,
         memo: body.memo.map(|m| m.0),
-        summary: summary.clone(),
-        payload,
-        now,
-        expires_at,
-    }));
-    state
-        .execute(
-            &state.transactions,
-            &transaction_id,
-            command,
-            &agent.actor(),
-            &request_id,
-        )
-        .await?;
+        expires_in: time::Duration::seconds(expires_in as i64),
+    };
+    let (transaction_id, expires_at) =
+        record_prepared(&state, &wallet, prompt, &agent.actor(), &request_id).await?;
     Ok((
         StatusCode::CREATED,
         Json(json!({
             "transaction_id": transaction_id,
             "status": "pending_authorization",
-            "expires_at": expires_at.format(&time::format_description::well_known::Rfc3339)
-                .map_err(ApiError::internal)?,
+            "expires_at": rfc3339(expires_at)?,
             "summary": summary,
+            "simulation": simulation.outcome,
+            "gas_estimate": simulation.gas_estimate,
+            "max_fee_wei": simulation.max_fee_wei,
         })),
     ))
 }
@@ -253,6 +312,48 @@ pub(super) async fn visible_transaction(
     .ok_or_else(|| ApiError::not_found("transaction"))
 }
 
+/// Refuse (before any code is spent) what cannot be authorized any more; the aggregate
+/// re-checks everything after the code is spent.
+fn check_pending(view: &TransactionView, now: OffsetDateTime) -> ApiResult<()> {
+    let past_deadline = OffsetDateTime::parse(
+        &view.expires_at,
+        &time::format_description::well_known::Rfc3339,
+    )
+    .is_ok_and(|at| at <= now);
+    match view.status.as_str() {
+        "pending_authorization" if !past_deadline => Ok(()),
+        "pending_authorization" | "expired" => Err(ApiError::conflict(
+            "transaction_expired",
+            "the transaction expired before it was authorized",
+        )),
+        status => Err(ApiError::conflict(
+            "invalid_state",
+            format!("cannot authorize a transaction that is {status}"),
+        )),
+    }
+}
+
+pub(super) async fn record_authorization(
+    state: &AppState,
+    user: &AuthUser,
+    transaction_id: &str,
+    request_id: &str,
+) -> ApiResult<()> {
+    let command = TransactionCommand::Authorize {
+        user_id: user.user_id.clone(),
+        now: OffsetDateTime::now_utc(),
+    };
+    state
+        .execute(
+            &state.transactions,
+            transaction_id,
+            command,
+            &user.actor(),
+            request_id,
+        )
+        .await
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthorizeRequest {
@@ -272,19 +373,7 @@ pub async fn authorize(
     let Caller::User(user) = caller else {
         unreachable!("constructed as a user above")
     };
-    // Refuse early (without spending the code) when the answer is already known; the
-    // aggregate re-checks everything after the code is spent.
-    if view.status != "pending_authorization" {
-        let code = if view.status == "expired" {
-            "transaction_expired"
-        } else {
-            "invalid_state"
-        };
-        return Err(ApiError::conflict(
-            code,
-            format!("cannot authorize a transaction that is {}", view.status),
-        ));
-    }
+    check_pending(&view, OffsetDateTime::now_utc())?;
     use_mfa_code(
         &state,
         &user,
@@ -293,20 +382,92 @@ pub async fn authorize(
         &request_id,
     )
     .await?;
-    let command = TransactionCommand::Authorize {
-        user_id: user.user_id.clone(),
-        now: OffsetDateTime::now_utc(),
-    };
-    state
-        .execute(
-            &state.transactions,
-            &id,
-            command,
-            &user.actor(),
-            &request_id,
-        )
-        .await?;
+    record_authorization(&state, &user, &id, &request_id).await?;
     Ok(Json(json!({"transaction_id": id, "status": "authorized"})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorizeManyRequest {
+    transaction_ids: Vec<Uuid>,
+    mfa_code: MfaCode,
+}
+
+/// Authorize a burst of pending transactions with one TOTP code (a code's time step is
+/// accepted once per user, so one prompt per code does not scale). All or nothing as far as
+/// the server can tell: every listed transaction is checked (the caller's, pending, not past
+/// its deadline) before the code is spent; each is then recorded as its own
+/// `TransactionAuthorized`. Only a race after the checks (a concurrent reject, a deadline
+/// passing mid-request) can leave some unauthorized; the error then names the first of them.
+pub async fn authorize_many(
+    State(state): State<AppState>,
+    user: AuthUser,
+    RequestId(request_id): RequestId,
+    ApiJson(body): ApiJson<AuthorizeManyRequest>,
+) -> ApiResult<Json<Value>> {
+    let ids: Vec<String> = body.transaction_ids.iter().map(Uuid::to_string).collect();
+    if ids.is_empty() || ids.len() > MAX_BATCH {
+        return Err(ApiError::invalid(
+            "transaction_ids",
+            format!("transaction_ids must list 1 to {MAX_BATCH} transactions"),
+        ));
+    }
+    for (i, id) in ids.iter().enumerate() {
+        if let Some(first) = ids[..i].iter().position(|earlier| earlier == id) {
+            return Err(ApiError::invalid(
+                &format!("transaction_ids[{i}]"),
+                format!("transaction_ids[{i}] repeats transaction_ids[{first}]"),
+            ));
+        }
+    }
+    let caller = Caller::User(user);
+    let now = OffsetDateTime::now_utc();
+    for (i, id) in ids.iter().enumerate() {
+        let field = format!("transaction_ids[{i}]");
+        let view = visible_transaction(&state, &caller, id)
+            .await
+            .map_err(|e| e.with_field(&field))?;
+        check_pending(&view, now).map_err(|e| {
+            let message = format!("{field}: {}", e.message);
+            ApiError::conflict(e.code, message).with_field(&field)
+        })?;
+    }
+    let Caller::User(user) = caller else {
+        unreachable!("constructed as a user above")
+    };
+    use_mfa_code(
+        &state,
+        &user,
+        body.mfa_code,
+        &format!("authorize_transactions:{}", ids.len()),
+        &request_id,
+    )
+    .await?;
+    let mut refused = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        if let Err(e) = record_authorization(&state, &user, id, &request_id).await {
+            refused.push((i, e));
+        }
+    }
+    if let Some((i, e)) = refused.first() {
+        let field = format!("transaction_ids[{i}]");
+        let message = format!(
+            "{field}: {}; {} of the {} transactions were authorized, {} were not",
+            e.message,
+            ids.len() - refused.len(),
+            ids.len(),
+            refused.len()
+        );
+        return Err(ApiError::new(e.status, e.code, message).with_field(field));
+    }
+    let transactions: Vec<Value> = ids
+        .iter()
+        .map(|id| json!({"transaction_id": id, "status": "authorized"}))
+        .collect();
+    Ok(Json(json!({
+        "status": "authorized",
+        "transactions": transactions,
+    })))
 }
 
 #[derive(Deserialize)]
@@ -354,9 +515,8 @@ fn executed_response(view: &TransactionView) -> Json<Value> {
     }))
 }
 
-/// Execute an authorized transaction: simulate, choose fees and nonce, sign (recorded as
-/// `TransactionExecuted` before anything leaves the server), broadcast. A repeat returns the
-/// first hash and broadcasts nothing.
+/// Execute an authorized transaction (see [`crate::execution`]): simulated again, signed and
+/// recorded before the broadcast. A repeat returns the first hash and broadcasts nothing.
 pub async fn execute(
     State(state): State<AppState>,
     agent: AuthAgent,
@@ -365,139 +525,19 @@ pub async fn execute(
 ) -> ApiResult<Json<Value>> {
     let id = body.transaction_id.to_string();
     let caller = Caller::Agent(agent);
-    let view = visible_transaction(&state, &caller, &id).await?;
+    visible_transaction(&state, &caller, &id).await?;
     let Caller::Agent(agent) = caller else {
         unreachable!("constructed as an agent above")
     };
-    if view.tx_hash.is_some() {
-        return Ok(executed_response(&view));
-    }
-    if view.status != "authorized" {
-        return Err(ApiError::conflict(
-            "invalid_state",
-            format!("cannot execute a transaction that is {}", view.status),
-        ));
-    }
-    let payload = view.payload.clone();
-    let wallet_lock = state.nonces.lock_for(&payload.from);
-    let mut next_nonce = wallet_lock.lock().await;
-
-    // The view may be stale by now (another request held the lock): re-read.
-    let view = visible_transaction(&state, &Caller::Agent(agent.clone()), &id).await?;
-    if view.tx_hash.is_some() {
-        return Ok(executed_response(&view));
-    }
-    let actor = agent.actor();
-    let now = OffsetDateTime::now_utc();
-    let fail = |reason: String| TransactionCommand::Fail {
-        reason,
-        now: OffsetDateTime::now_utc(),
-    };
-    let value = to_u256(&payload.value);
-    let gas = match state
-        .chain
-        .estimate_gas(&payload.from, &payload.to, value, payload.data.as_slice())
-        .await
-    {
-        Ok(gas) => gas,
-        Err(ChainError::Rejected(reason)) => {
-            let reason = format!("simulation failed: {reason}");
-            state
-                .execute(
-                    &state.transactions,
-                    &id,
-                    fail(reason.clone()),
-                    &actor,
-                    &request_id,
-                )
-                .await?;
-            return Err(ApiError::conflict("simulation_failed", reason));
-        }
-        Err(e) => return Err(e.into()),
-    };
-    let gas_limit = gas + gas * GAS_MARGIN_PERCENT / 100;
-    let (max_fee_per_gas, max_priority_fee_per_gas) = state.chain.fees().await?;
-    let balance = state.chain.balance(&payload.from).await?;
-    let max_cost = value.saturating_add(
-        alloy::primitives::U256::from(gas_limit)
-            .saturating_mul(alloy::primitives::U256::from(max_fee_per_gas)),
-    );
-    if balance < max_cost {
-        let reason = format!(
-            "insufficient funds: balance {balance} wei, value plus maximum gas cost {max_cost} wei"
-        );
-        state
-            .execute(
-                &state.transactions,
-                &id,
-                fail(reason.clone()),
-                &actor,
-                &request_id,
-            )
-            .await?;
-        return Err(ApiError::conflict("insufficient_funds", reason));
-    }
-    let chain_nonce = state.chain.pending_nonce(&payload.from).await?;
-    let nonce = next_nonce.map_or(chain_nonce, |n| n.max(chain_nonce));
-    let command = TransactionCommand::Execute {
-        actor: Initiator::Agent {
+    let executor = Executor {
+        initiator: Initiator::Agent {
             api_key_id: agent.key.api_key_id.clone(),
             api_key_name: agent.key.name.clone(),
         },
-        nonce,
-        fees: FeeParams {
-            gas_limit,
-            max_fee_per_gas,
-            max_priority_fee_per_gas,
-        },
-        now,
+        actor: &agent.actor(),
+        request_id: &request_id,
     };
-    match state
-        .execute(&state.transactions, &id, command, &actor, &request_id)
-        .await
-    {
-        Ok(()) => *next_nonce = Some(nonce + 1),
-        Err(e) if e.code == "already_executed" => {
-            let view = visible_transaction(&state, &Caller::Agent(agent), &id).await?;
-            return Ok(executed_response(&view));
-        }
-        Err(e) => return Err(e),
-    }
-    let raw = state
-        .db
-        .executed_event(&id)
-        .await?
-        .and_then(|e| e.get("raw_transaction")?.as_str()?.parse::<HexBytes>().ok())
-        .ok_or_else(|| ApiError::internal("executed transaction has no raw bytes"))?;
-    match state.chain.send_raw(raw.as_slice()).await {
-        Ok(()) => {}
-        Err(ChainError::Rejected(reason)) => {
-            tracing::warn!(error = %reason, transaction_id = %id, "broadcast rejected");
-            // Nothing was accepted: the nonce is free again; re-read it from the chain next time.
-            *next_nonce = None;
-            let reason = format!("broadcast rejected: {reason}");
-            state
-                .execute(
-                    &state.transactions,
-                    &id,
-                    fail(reason.clone()),
-                    &actor,
-                    &request_id,
-                )
-                .await?;
-            return Err(ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "broadcast_rejected",
-                reason,
-            ));
-        }
-        // Signed and recorded: the receipt worker rebroadcasts the same bytes when it can.
-        Err(ChainError::Unavailable(e)) => {
-            tracing::warn!(error = %e, transaction_id = %id, "broadcast deferred");
-        }
-    }
-    drop(next_nonce);
-    let view = visible_transaction(&state, &Caller::Agent(agent), &id).await?;
+    let view = execute_authorized(&state, &id, &executor).await?;
     Ok(executed_response(&view))
 }
 

@@ -243,6 +243,9 @@ pub struct TestApp {
     pub backend: Backend,
     master_key_b64: Zeroizing<String>,
     jwt_secret: String,
+    /// Applied to the configuration at every (re)start: set it, then `restart`, to run the
+    /// same store and chain with a different configuration (e.g. a test hook).
+    pub configure: Option<fn(&mut Config)>,
     server: Option<tokio::task::JoinHandle<()>>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -257,11 +260,18 @@ pub fn test_config(database_url: &str, chain_url: &str, master_key_b64: &str, jw
         master_key: MasterKey::from_base64(master_key_b64).unwrap(),
         default_expiry: Duration::from_secs(900),
         poll_interval: Duration::from_millis(100),
+        max_fee_per_gas_cap: None,
+        crash_after_sign_for_tests: false,
     }
 }
 
 impl TestApp {
     pub async fn spawn(backend: Backend) -> Self {
+        Self::spawn_with(backend, None).await
+    }
+
+    /// Spawn with `configure` applied to the test configuration.
+    pub async fn spawn_with(backend: Backend, configure: Option<fn(&mut Config)>) -> Self {
         init_tracing();
         let anvil = Anvil::start().await;
         let store = Store::new(backend).await;
@@ -275,6 +285,7 @@ impl TestApp {
             backend,
             master_key_b64,
             jwt_secret,
+            configure,
             server: None,
             shutdown: None,
         };
@@ -283,12 +294,16 @@ impl TestApp {
     }
 
     pub fn config(&self) -> Config {
-        test_config(
+        let mut config = test_config(
             &self.store.url,
             &self.anvil.url,
             &self.master_key_b64,
             &self.jwt_secret,
-        )
+        );
+        if let Some(configure) = self.configure {
+            configure(&mut config);
+        }
+        config
     }
 
     pub fn jwt_secret(&self) -> &str {

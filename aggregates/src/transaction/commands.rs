@@ -2,7 +2,7 @@
 
 use time::OffsetDateTime;
 
-use super::{Initiator, TransactionKind, TxPayload};
+use super::{Initiator, SimulationOutcome, TransactionKind, TxPayload};
 use crate::types::{Address, Amount};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -22,10 +22,12 @@ pub enum TransactionCommand {
     },
     /// Sign the authorized payload with the given chain parameters. The aggregate hands its own
     /// stored payload to the signer, so nothing but what was authorized can be signed.
+    /// Fees above `max_fee_per_gas_cap` are refused before anything is signed.
     Execute {
         actor: Initiator,
         nonce: u64,
         fees: FeeParams,
+        max_fee_per_gas_cap: Option<u128>,
         now: OffsetDateTime,
     },
     RecordReceipt {
@@ -52,8 +54,21 @@ pub struct PrepareTransaction {
     pub memo: Option<String>,
     pub summary: String,
     pub payload: TxPayload,
+    pub simulation: PreparedSimulation,
     pub now: OffsetDateTime,
     pub expires_at: OffsetDateTime,
+}
+
+/// What the shell learned by simulating the call before the prompt goes out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreparedSimulation {
+    pub outcome: SimulationOutcome,
+    /// The node's gas estimate (absent when the call reverts or the node is unreachable).
+    pub gas_estimate: Option<u64>,
+    /// The EIP-1559 max fee per gas the node suggested.
+    pub max_fee_per_gas: Option<u128>,
+    /// The most the network fee can cost: gas limit (estimate plus margin) × max fee per gas.
+    pub max_fee_wei: Option<Amount>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,7 +5,7 @@ use cqrs_es::DomainEvent;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use super::{Initiator, TransactionKind, TxPayload};
+use super::{Initiator, SimulationOutcome, TransactionKind, TxPayload};
 use crate::types::{Address, Amount};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -76,6 +76,20 @@ pub struct TransactionPrepared {
     pub prepared_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
     pub expires_at: OffsetDateTime,
+    // Added with simulation at prepare time. Optional so that events recorded before then
+    // still load (absent = not simulated); never rename them (see the module comment).
+    /// What simulating the call showed when the prompt went out.
+    #[serde(default)]
+    pub simulation: Option<SimulationOutcome>,
+    /// The node's gas estimate for the call.
+    #[serde(default)]
+    pub gas_estimate: Option<u64>,
+    /// The EIP-1559 max fee per gas suggested at prepare time, in wei.
+    #[serde(default)]
+    pub max_fee_per_gas: Option<u128>,
+    /// The most the network fee could cost at prepare time (gas limit × max fee per gas), wei.
+    #[serde(default)]
+    pub max_fee_wei: Option<Amount>,
 }
 
 impl DomainEvent for TransactionEvent {

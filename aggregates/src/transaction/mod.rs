@@ -4,6 +4,7 @@
 
 mod commands;
 mod events;
+pub mod summary;
 #[cfg(test)]
 mod tests;
 
@@ -17,7 +18,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
-pub use commands::{FeeParams, PrepareTransaction, ReceiptOutcome, TransactionCommand};
+pub use commands::{
+    FeeParams, PrepareTransaction, PreparedSimulation, ReceiptOutcome, TransactionCommand,
+};
 pub use events::{TransactionEvent, TransactionPrepared};
 
 use crate::types::{Address, Amount, HexBytes};
@@ -77,6 +80,23 @@ impl TxPayload {
         h.update(self.data.as_slice());
         hex::encode(h.finalize())
     }
+}
+
+/// What simulating the call (`eth_call` as the wallet, then a gas estimate) showed at prepare
+/// time. A call that would revert is still put to the human, with the reason: state may change
+/// before execution, and execution simulates again anyway.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum SimulationOutcome {
+    Success,
+    /// The call would fail: the decoded revert reason, or the node's message.
+    Reverted {
+        reason: String,
+    },
+    /// The chain node could not be asked; nothing is known.
+    Unavailable {
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,6 +162,8 @@ pub enum TransactionError {
     AlreadyExecuted { tx_hash: String },
     #[error("transaction is not due to expire")]
     NotDue,
+    #[error("max fee per gas {max_fee_per_gas} wei exceeds the configured cap of {cap} wei")]
+    FeeAboveCap { max_fee_per_gas: u128, cap: u128 },
     #[error("signing failed: {0}")]
     Signing(String),
 }
@@ -243,6 +265,7 @@ impl Aggregate for Transaction {
                     return Err(TransactionError::InvalidExpiry);
                 }
                 let payload_digest = cmd.payload.digest();
+                let simulation = cmd.simulation;
                 TransactionEvent::TransactionPrepared(Box::new(TransactionPrepared {
                     transaction_id: cmd.transaction_id,
                     wallet_address: cmd.wallet_address,
@@ -258,6 +281,10 @@ impl Aggregate for Transaction {
                     payload_digest,
                     prepared_at: cmd.now,
                     expires_at: cmd.expires_at,
+                    simulation: Some(simulation.outcome),
+                    gas_estimate: simulation.gas_estimate,
+                    max_fee_per_gas: simulation.max_fee_per_gas,
+                    max_fee_wei: simulation.max_fee_wei,
                 }))
             }
             TransactionCommand::Authorize { user_id, now } => {
@@ -297,6 +324,7 @@ impl Aggregate for Transaction {
                 actor,
                 nonce,
                 fees,
+                max_fee_per_gas_cap,
                 now,
             } => {
                 let (prepared, status) = self.existing()?;
@@ -320,6 +348,14 @@ impl Aggregate for Transaction {
                             action: "execute",
                             status,
                         })
+                    }
+                }
+                if let Some(cap) = max_fee_per_gas_cap {
+                    if fees.max_fee_per_gas > cap {
+                        return Err(TransactionError::FeeAboveCap {
+                            max_fee_per_gas: fees.max_fee_per_gas,
+                            cap,
+                        });
                     }
                 }
                 let signed = signer
@@ -409,41 +445,5 @@ impl Aggregate for Transaction {
             TransactionEvent::TransactionConfirmed { .. } => TransactionStatus::Confirmed,
             TransactionEvent::TransactionFailed { .. } => TransactionStatus::Failed,
         });
-    }
-}
-
-/// A one-line, human-readable description for the approval prompt.
-pub fn summarize(
-    kind: TransactionKind,
-    to: &Address,
-    value: &Amount,
-    token_address: Option<&Address>,
-    amount: Option<&Amount>,
-    data: &HexBytes,
-) -> String {
-    match kind {
-        TransactionKind::Native => format!("Send {} ETH to {}", value.to_units(18), to.short()),
-        TransactionKind::Erc20 => format!(
-            "Transfer {} base units of token {} to {}",
-            amount.map(Amount::as_str).unwrap_or("0"),
-            token_address.map(Address::short).unwrap_or_default(),
-            to.short()
-        ),
-        TransactionKind::ContractCall => {
-            let selector = data
-                .as_slice()
-                .get(..4)
-                .map(|s| format!("0x{}", hex::encode(s)))
-                .unwrap_or_else(|| "no calldata".to_owned());
-            let mut s = format!(
-                "Call contract {} (selector {selector}, {} bytes of calldata)",
-                to.short(),
-                data.as_slice().len()
-            );
-            if !value.is_zero() {
-                s.push_str(&format!(" sending {} ETH", value.to_units(18)));
-            }
-            s
-        }
     }
 }

@@ -66,8 +66,18 @@ fn prepare_command() -> PrepareTransaction {
         memo: Some("rent".into()),
         summary: "Send 1.5 ETH".into(),
         payload,
+        simulation: simulated(),
         now: NOW,
         expires_at: NOW + Duration::minutes(15),
+    }
+}
+
+fn simulated() -> PreparedSimulation {
+    PreparedSimulation {
+        outcome: SimulationOutcome::Success,
+        gas_estimate: Some(21_000),
+        max_fee_per_gas: Some(2_000_000_000),
+        max_fee_wei: Some(Amount::from(50_400_000_000_000)),
     }
 }
 
@@ -88,6 +98,10 @@ fn prepared() -> TransactionEvent {
         payload: cmd.payload,
         prepared_at: NOW,
         expires_at: NOW + Duration::minutes(15),
+        simulation: Some(SimulationOutcome::Success),
+        gas_estimate: Some(21_000),
+        max_fee_per_gas: Some(2_000_000_000),
+        max_fee_wei: Some(Amount::from(50_400_000_000_000)),
     }))
 }
 
@@ -112,6 +126,7 @@ fn execute(actor: Initiator) -> TransactionCommand {
         actor,
         nonce: 7,
         fees: fees(),
+        max_fee_per_gas_cap: None,
         now: NOW,
     }
 }
@@ -481,18 +496,225 @@ fn digest_changes_with_every_signed_field() {
     }
 }
 
+fn user_initiated() -> (PrepareTransaction, TransactionEvent) {
+    let mut cmd = prepare_command();
+    cmd.initiator = Initiator::User {
+        user_id: OWNER.into(),
+    };
+    let TransactionEvent::TransactionPrepared(mut event) = prepared() else {
+        unreachable!()
+    };
+    event.initiator = cmd.initiator.clone();
+    (cmd, TransactionEvent::TransactionPrepared(event))
+}
+
 #[test]
-fn summaries_read_like_sentences() {
-    let p = payload();
+fn a_prepare_that_would_revert_is_recorded_with_the_reason_and_can_still_be_decided() {
+    let mut cmd = prepare_command();
+    let reverted = SimulationOutcome::Reverted {
+        reason: "Target: paused".into(),
+    };
+    cmd.simulation = PreparedSimulation {
+        outcome: reverted.clone(),
+        gas_estimate: None,
+        max_fee_per_gas: Some(2_000_000_000),
+        max_fee_wei: None,
+    };
+    let TransactionEvent::TransactionPrepared(mut expected) = prepared() else {
+        unreachable!()
+    };
+    expected.simulation = Some(reverted);
+    expected.gas_estimate = None;
+    expected.max_fee_wei = None;
+    let expected = TransactionEvent::TransactionPrepared(expected);
+    framework()
+        .given_no_previous_events()
+        .when(TransactionCommand::Prepare(Box::new(cmd)))
+        .then_expect_events(vec![expected.clone()]);
+    framework()
+        .given(vec![expected])
+        .when(TransactionCommand::Authorize {
+            user_id: OWNER.into(),
+            now: NOW,
+        })
+        .then_expect_events(vec![authorized()]);
+}
+
+#[test]
+fn prepared_events_recorded_before_simulation_existed_still_load() {
+    // The exact shape stored before `simulation`, `gas_estimate`, `max_fee_per_gas` and
+    // `max_fee_wei` were added.
+    let old = serde_json::json!({"TransactionPrepared": {
+        "transaction_id": "tx-1",
+        "wallet_address": "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed",
+        "owner_user_id": OWNER,
+        "initiator": {"type": "agent", "api_key_id": "key-1", "api_key_name": "trading bot"},
+        "kind": "native",
+        "to": "0xfB6916095ca1df60bB79Ce92cE3Ea74c37c5d359",
+        "token_address": null,
+        "amount": null,
+        "memo": "rent",
+        "summary": "Send 1.5 ETH",
+        "payload": {
+            "chain_id": 31337,
+            "from": "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed",
+            "to": "0xfB6916095ca1df60bB79Ce92cE3Ea74c37c5d359",
+            "value": "1500000000000000000",
+            "data": "0x"
+        },
+        "payload_digest": payload().digest(),
+        "prepared_at": "2026-01-01T12:00:00Z",
+        "expires_at": "2026-01-01T12:15:00Z"
+    }});
+    let event: TransactionEvent = serde_json::from_value(old).expect("old shape loads");
+    let TransactionEvent::TransactionPrepared(p) = &event else {
+        panic!("wrong variant: {event:?}")
+    };
+    assert_eq!(p.simulation, None);
+    assert_eq!(p.gas_estimate, None);
+    assert_eq!(p.max_fee_per_gas, None);
+    assert_eq!(p.max_fee_wei, None);
+    // And an aggregate built from it behaves as before.
+    framework()
+        .given(vec![event])
+        .when(TransactionCommand::Authorize {
+            user_id: OWNER.into(),
+            now: NOW,
+        })
+        .then_expect_events(vec![authorized()]);
+}
+
+#[test]
+fn simulation_outcomes_serialize_as_tagged_objects() {
+    let json = serde_json::to_value(SimulationOutcome::Reverted {
+        reason: "Target: paused".into(),
+    })
+    .unwrap();
     assert_eq!(
-        summarize(
-            TransactionKind::Native,
-            &p.to,
-            &p.value,
-            None,
-            None,
-            &p.data
-        ),
-        "Send 1.5 ETH to 0xfB69…d359"
+        json,
+        serde_json::json!({"status": "reverted", "reason": "Target: paused"})
     );
+    let json = serde_json::to_value(SimulationOutcome::Success).unwrap();
+    assert_eq!(json, serde_json::json!({"status": "success"}));
+}
+
+#[test]
+fn execute_refuses_fees_above_the_cap_and_signs_nothing() {
+    let capped = |cap| TransactionCommand::Execute {
+        actor: agent(),
+        nonce: 7,
+        fees: fees(),
+        max_fee_per_gas_cap: Some(cap),
+        now: NOW,
+    };
+    framework()
+        .given(vec![prepared(), authorized()])
+        .when(capped(1_999_999_999))
+        .then_expect_error(TransactionError::FeeAboveCap {
+            max_fee_per_gas: 2_000_000_000,
+            cap: 1_999_999_999,
+        });
+    // At the cap is fine.
+    framework()
+        .given(vec![prepared(), authorized()])
+        .when(capped(2_000_000_000))
+        .then_expect_events(vec![executed()]);
+}
+
+#[test]
+fn a_call_that_now_reverts_fails_before_signing_and_can_never_be_executed() {
+    let failed = TransactionEvent::TransactionFailed {
+        reason: "simulation failed: Target: paused".into(),
+        block_number: None,
+        failed_at: NOW,
+    };
+    framework()
+        .given(vec![prepared(), authorized()])
+        .when(TransactionCommand::Fail {
+            reason: "simulation failed: Target: paused".into(),
+            now: NOW,
+        })
+        .then_expect_events(vec![failed.clone()]);
+    framework()
+        .given(vec![prepared(), authorized(), failed])
+        .when(execute(agent()))
+        .then_expect_error(TransactionError::InvalidState {
+            action: "execute",
+            status: TransactionStatus::Failed,
+        });
+}
+
+#[test]
+fn failing_is_refused_before_authorization() {
+    framework()
+        .given(vec![prepared()])
+        .when(TransactionCommand::Fail {
+            reason: "simulation failed".into(),
+            now: NOW,
+        })
+        .then_expect_error(TransactionError::InvalidState {
+            action: "fail",
+            status: TransactionStatus::PendingAuthorization,
+        });
+}
+
+#[test]
+fn a_user_initiated_transaction_is_authorized_and_executed_by_that_user_only() {
+    let (cmd, prepared_by_user) = user_initiated();
+    framework()
+        .given_no_previous_events()
+        .when(TransactionCommand::Prepare(Box::new(cmd)))
+        .then_expect_events(vec![prepared_by_user.clone()]);
+    let user = Initiator::User {
+        user_id: OWNER.into(),
+    };
+    let TransactionEvent::TransactionExecuted {
+        tx_hash,
+        raw_transaction,
+        ..
+    } = executed()
+    else {
+        unreachable!()
+    };
+    framework()
+        .given(vec![prepared_by_user.clone(), authorized()])
+        .when(execute(user.clone()))
+        .then_expect_events(vec![TransactionEvent::TransactionExecuted {
+            tx_hash,
+            nonce: 7,
+            gas_limit: 21_000,
+            max_fee_per_gas: 2_000_000_000,
+            max_priority_fee_per_gas: 1_000_000_000,
+            raw_transaction,
+            executed_by: user,
+            executed_at: NOW,
+        }]);
+    // An agent of the same owner cannot execute what the user started.
+    framework()
+        .given(vec![prepared_by_user, authorized()])
+        .when(execute(agent()))
+        .then_expect_error(TransactionError::NotInitiator);
+}
+
+#[test]
+fn a_broadcast_rejected_after_signing_fails_the_transaction_but_keeps_its_hash() {
+    let failed = TransactionEvent::TransactionFailed {
+        reason: "broadcast rejected: nonce too low".into(),
+        block_number: None,
+        failed_at: NOW,
+    };
+    framework()
+        .given(vec![prepared(), authorized(), executed()])
+        .when(TransactionCommand::Fail {
+            reason: "broadcast rejected: nonce too low".into(),
+            now: NOW,
+        })
+        .then_expect_events(vec![failed.clone()]);
+    // Never signed a second time: the first hash is the answer.
+    framework()
+        .given(vec![prepared(), authorized(), executed(), failed])
+        .when(execute(agent()))
+        .then_expect_error(TransactionError::AlreadyExecuted {
+            tx_hash: format!("0xhash-{}-7", payload().digest()),
+        });
 }
