@@ -6,6 +6,7 @@ mod cli;
 mod docs;
 mod flow;
 mod helpers;
+mod kinds;
 mod negative;
 mod projections;
 mod push;
