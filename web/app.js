@@ -866,8 +866,30 @@ function upsertTx(view, { quiet = false } = {}) {
   updateInboxCount();
 }
 
+// Prompts that can still be authorized (not expired, not already decided on this page).
+function openPromptIds() {
+  return [...nodes.prompts.entries()]
+    .filter(([, card]) => !card.classList.contains('is-expired') && !card.classList.contains('is-decided'))
+    .map(([id]) => id);
+}
+
+// One code for every open prompt: each TOTP step is accepted once, so a busy agent's burst
+// would otherwise take one code (and up to 30 s) per request.
+async function submitAuthorizeAll(form) {
+  const ids = openPromptIds();
+  if (ids.length === 0) return;
+  const mfaCode = readCode($('#bulk-mfa-code'));
+  await api('POST', '/api/authorize_transactions', { transaction_ids: ids, mfa_code: mfaCode });
+  form.reset();
+  announce(`Authorized ${ids.length} requests. The agents can now execute them.`, 'ok');
+  await Promise.all(ids.map((id) => refreshTransaction(id, 0, { quiet: true })));
+}
+
 function updateInboxCount() {
   const n = nodes.prompts.size;
+  const open = openPromptIds().length;
+  $('#bulk-form').hidden = open < 2;
+  $('#bulk-count').textContent = String(open);
   $('#inbox-count').textContent = `${n} waiting`;
   $('#inbox-empty').hidden = n > 0;
   const badge = $('#nav-inbox-count');
@@ -1090,6 +1112,7 @@ function expireCard(card) {
   $('.countdown-label', card).hidden = true;
   $('.countdown-value', card).textContent = 'expired';
   $('.countdown-sr', card).textContent = 'This request has expired.';
+  updateInboxCount();
   // The server records the expiry within moments; fetch it in case no socket is open.
   const id = card.dataset.transactionId;
   setTimeout(() => { if (nodes.prompts.get(id) === card) refreshTransaction(id); }, 3000);
@@ -1315,6 +1338,7 @@ function init() {
   onSubmit($('#register-form'), submitRegister);
   onSubmit($('#wallet-form'), submitCreateWallet);
   onSubmit($('#key-form'), submitIssueKey);
+  onSubmit($('#bulk-form'), submitAuthorizeAll);
   onSubmit($('#mfa-start-form'), submitMfaStart);
   onSubmit($('#mfa-confirm-form'), submitMfaConfirm);
 

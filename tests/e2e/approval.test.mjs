@@ -225,6 +225,22 @@ test('a person approves an agent transaction live in the web page', { timeout: 1
   const balance = BigInt(await rpc(anvil.url, 'eth_getBalance', [recipient, 'latest']));
   assert.ok(balance >= 1_500_000_000_000_000_000n);
 
+  // A burst: two more requests, countersigned together with one code.
+  const burst = [];
+  for (const value of ['1000', '2000']) {
+    const r = await agent('/api/prepare_transaction', { wallet_address: wallet, kind: 'native', to: recipient, value });
+    assert.equal(r.status, 201, JSON.stringify(r.body));
+    burst.push(r.body.transaction_id);
+  }
+  for (const bid of burst) await page.locator(`[data-testid="prompt"][data-transaction-id="${bid}"]`).waitFor();
+  await page.getByTestId('bulk-mfa-code').fill(await freshCode());
+  await page.getByTestId('authorize-all').click();
+  for (const bid of burst) {
+    await page.locator(`[data-testid="tx-status"][data-transaction-id="${bid}"]`)
+      .filter({ hasText: /authorized/i }).waitFor({ timeout: 10_000 });
+  }
+  assert.equal(await page.locator('[data-testid="prompt"]').count(), 0);
+
   mkdirSync(join(ROOT, 'test-artifacts'), { recursive: true });
   await page.screenshot({ path: join(ROOT, 'test-artifacts/approval-e2e.png'), fullPage: true });
   assert.deepEqual(problems, []);
