@@ -24,7 +24,7 @@ const REBUILD_PAGE: i64 = 10_000;
 /// What a rebuild did.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct RebuildStats {
-    /// The checkpoint the rebuild replayed up to (catch-up then continued past it).
+    /// The position the rebuild replayed up to (catch-up then continued past it).
     pub position: i64,
     /// Events replayed.
     pub events: i64,
@@ -94,22 +94,28 @@ fn event_columns(backend: Backend) -> &'static str {
 
 /// Fold `$events` (in position order) into their view documents inside transaction `$tx`:
 /// load the current documents in bulk, fold, write them back in bulk. `$only` restricts it to
-/// one kind of view (rebuild of one view). Written as a macro so that the same code is compiled
-/// for each backend's transaction type.
+/// one kind of view (rebuild of one view). `$rebuilt`, during a rebuild, holds the documents
+/// written so far: no other can exist, so only those are looked up. Written as a macro so that
+/// the same code is compiled for each backend's transaction type.
 macro_rules! fold_into_views {
-    ($tx:expr, $events:expr, $only:expr) => {{
+    ($tx:expr, $events:expr, $only:expr, $rebuilt:expr) => {{
         let only: Option<ViewKind> = $only;
+        let mut rebuilt: Option<&mut std::collections::HashSet<(ViewKind, String)>> = $rebuilt;
         let upcasters = crate::upcast::upcasters();
         // Each document touched, with the position that created it (if created here) and the
         // position of the last event folded in.
-        let mut docs: HashMap<(ViewKind, String), (Option<Value>, Option<ViewDoc>, Option<i64>, i64)> =
-            HashMap::new();
+        let mut docs: HashMap<
+            (ViewKind, String),
+            (Option<Value>, Option<projections::ViewState>, Option<i64>, i64),
+        > = HashMap::new();
         let events: Vec<StoredEvent> = $events;
         let mut missing: HashMap<ViewKind, Vec<String>> = HashMap::new();
         for event in &events {
             if let Some(key) = projections::target(event) {
                 if only.is_none_or(|k| k == key.0) && !docs.contains_key(&key) {
-                    missing.entry(key.0).or_default().push(key.1.clone());
+                    if rebuilt.as_ref().is_none_or(|r| r.contains(&key)) {
+                        missing.entry(key.0).or_default().push(key.1.clone());
+                    }
                     docs.insert(key, (None, None, None, 0));
                 }
             }
@@ -140,20 +146,33 @@ macro_rules! fold_into_views {
             }
             let event = crate::upcast::upcast(event, &upcasters);
             let entry = docs.get_mut(&key).expect("every target was collected above");
+            // Folded decoded: each document is decoded once and encoded once per batch.
             let current = match entry.1.take() {
-                Some(doc) => Some(doc.payload),
-                None => entry.0.take(),
+                Some(state) => Some(state),
+                None => entry
+                    .0
+                    .take()
+                    .map(|doc| projections::ViewState::decode(key.0, &doc, &event))
+                    .transpose()?,
             };
             if current.is_none() {
                 entry.2 = Some(event.position);
             }
-            entry.1 = Some(projections::apply(key.0, current, &event)?);
+            entry.1 = Some(projections::fold(key.0, current, &event)?);
             entry.3 = event.position;
         }
-        let written: Vec<(ViewDoc, i64, i64)> = docs
-            .into_values()
-            .filter_map(|(_, doc, created, position)| doc.map(|d| (d, created.unwrap_or(position), position)))
-            .collect();
+        let mut written: Vec<(ViewDoc, i64, i64)> = Vec::with_capacity(docs.len());
+        for ((kind, id), (_, state, created, position)) in docs {
+            if let Some(state) = state {
+                if let Some(r) = rebuilt.as_mut() {
+                    r.insert((kind, id.clone()));
+                }
+                let doc = state
+                    .to_doc(id)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                written.push((doc, created.unwrap_or(position), position));
+            }
+        }
         for chunk in written.chunks(500) {
             let mut q = sqlx::QueryBuilder::new(
                 "INSERT INTO views (kind, id, owner_user_id, wallet_address, api_key_id, \
@@ -221,8 +240,9 @@ impl Projector {
     }
 
     /// Drop and rebuild views (all kinds, or one) from the event log in commit order: one
-    /// transaction holding the checkpoint lock deletes the documents and folds every event up
-    /// to the checkpoint again, then the usual catch-up continues past it. Idempotent.
+    /// transaction holding the checkpoint lock deletes the documents and folds the events again
+    /// — all of them for a full rebuild (the checkpoint moves to the head), those up to the
+    /// checkpoint for one view — then the usual catch-up continues. Idempotent.
     ///
     /// Safe while servers run: readers see the old documents until the rebuild commits
     /// (PostgreSQL; SQLite readers in WAL mode too), and every projector — this node's and
@@ -247,6 +267,16 @@ impl Projector {
                     .bind(CHECKPOINT)
                     .fetch_one(&mut *tx)
                     .await?;
+            // All views: replay the whole log and move the checkpoint to its head. One view:
+            // replay up to the checkpoint the other views are at.
+            let upto: i64 = match only {
+                Some(_) => checkpoint,
+                None => {
+                    sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM events")
+                        .fetch_one(&mut *tx)
+                        .await?
+                }
+            };
             match only {
                 Some(kind) => {
                     sqlx::query("DELETE FROM views WHERE kind = $1")
@@ -256,11 +286,18 @@ impl Projector {
                 }
                 None => sqlx::query("DELETE FROM views").execute(&mut *tx).await?,
             };
+            if self.db.backend() == Backend::Postgres {
+                // The table's statistics predate the delete: keep lookups on the primary key.
+                sqlx::query("SET LOCAL enable_seqscan = off")
+                    .execute(&mut *tx)
+                    .await?;
+            }
             let (mut after, mut events) = (0i64, 0i64);
+            let mut rebuilt = std::collections::HashSet::new();
             loop {
                 let rows: Vec<EventRow> = sqlx::query_as(&select_events)
                     .bind(after)
-                    .bind(checkpoint)
+                    .bind(upto)
                     .bind(REBUILD_PAGE)
                     .fetch_all(&mut *tx)
                     .await?;
@@ -269,11 +306,25 @@ impl Projector {
                 };
                 events += rows.len() as i64;
                 let page: Vec<StoredEvent> = rows.into_iter().map(StoredEvent::from).collect();
-                fold_into_views!(&mut *tx, page, only);
+                fold_into_views!(&mut *tx, page, only, Some(&mut rebuilt));
                 after = last;
             }
+            if upto > checkpoint {
+                sqlx::query("UPDATE projection_checkpoints SET position = $1 WHERE name = $2")
+                    .bind(upto)
+                    .bind(CHECKPOINT)
+                    .execute(&mut *tx)
+                    .await?;
+                if self.db.backend() == Backend::Postgres {
+                    sqlx::query("SELECT pg_notify($1, $2)")
+                        .bind(crate::push::VIEWS_CHANNEL)
+                        .bind(upto.to_string())
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
             tx.commit().await?;
-            (checkpoint, events)
+            (upto, events)
         });
         drop(running);
         let documents: i64 = with_pool!(&self.db, |pool| sqlx::query_scalar(
@@ -323,7 +374,7 @@ impl Projector {
             };
             let count = rows.len() as i64;
             let events: Vec<StoredEvent> = rows.into_iter().map(StoredEvent::from).collect();
-            fold_into_views!(&mut *tx, events, None::<ViewKind>);
+            fold_into_views!(&mut *tx, events, None::<ViewKind>, None);
             sqlx::query("UPDATE projection_checkpoints SET position = $1 WHERE name = $2")
                 .bind(last)
                 .bind(CHECKPOINT)

@@ -25,25 +25,38 @@ pub(crate) fn fold<V: View>(
     current: Option<Value>,
     stored: &StoredEvent,
 ) -> Result<ViewDoc, ProjectionError> {
-    let decode = |source| ProjectionError::Decode {
+    let current = current
+        .map(|doc| V::deserialize(&doc).map_err(|e| decode_error(stored, e)))
+        .transpose()?;
+    let view = fold_typed::<V>(current, stored)?;
+    let payload = serde_json::to_value(&view).map_err(|e| decode_error(stored, e))?;
+    Ok(view.doc(stored.aggregate_id.clone(), payload))
+}
+
+pub(crate) fn decode_error(stored: &StoredEvent, source: serde_json::Error) -> ProjectionError {
+    ProjectionError::Decode {
         position: stored.position,
         event_type: stored.event_type.clone(),
         source,
-    };
-    let event: V::Event = serde_json::from_value(stored.payload.clone()).map_err(decode)?;
-    let view = match current {
-        Some(doc) => {
-            let mut view: V = serde_json::from_value(doc).map_err(decode)?;
+    }
+}
+
+/// Fold one event into a decoded view (no JSON round trip of the document).
+pub(crate) fn fold_typed<V: View>(
+    current: Option<V>,
+    stored: &StoredEvent,
+) -> Result<V, ProjectionError> {
+    let event = V::Event::deserialize(&stored.payload).map_err(|e| decode_error(stored, e))?;
+    match current {
+        Some(mut view) => {
             view.update(event, stored);
-            view
+            Ok(view)
         }
         None => V::create(event, stored).ok_or_else(|| ProjectionError::MissingView {
             position: stored.position,
             event_type: stored.event_type.clone(),
-        })?,
-    };
-    let payload = serde_json::to_value(&view).map_err(decode)?;
-    Ok(view.doc(stored.aggregate_id.clone(), payload))
+        }),
+    }
 }
 
 /// What `/api/transaction_status` returns.
