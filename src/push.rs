@@ -33,6 +33,8 @@ pub enum Principal {
     User(String),
     /// Events of transactions the API key prepared.
     Agent(String),
+    /// Events of every transaction (a user with the auditor role; see `http::audit`).
+    Auditor(String),
 }
 
 /// What the hub hands a socket.
@@ -104,6 +106,7 @@ impl PushRow {
         match principal {
             Principal::User(id) => self.owner_user_id.as_deref() == Some(id),
             Principal::Agent(key) => self.api_key_id.as_deref() == Some(key),
+            Principal::Auditor(_) => true,
         }
     }
 }
@@ -145,6 +148,7 @@ impl Db {
             None => ("", None),
             Some(Principal::User(id)) => ("AND v.owner_user_id = $4", Some(id.as_str())),
             Some(Principal::Agent(key)) => ("AND v.api_key_id = $4", Some(key.as_str())),
+            Some(Principal::Auditor(_)) => ("", None),
         };
         let sql = select_push(self.backend(), filter);
         Ok(with_pool!(self, |pool| {
@@ -366,6 +370,7 @@ impl Db {
         let (kind, id) = match principal {
             Principal::User(id) => ("user", id),
             Principal::Agent(id) => ("api_key", id),
+            Principal::Auditor(id) => ("auditor", id),
         };
         with_pool!(self, |pool| {
             sqlx::query("DELETE FROM ws_tickets WHERE expires_at < $1")
@@ -408,6 +413,7 @@ impl Db {
             }
             let principal = match kind.as_str() {
                 "user" => Principal::User(id),
+                "auditor" => Principal::Auditor(id),
                 _ => Principal::Agent(id),
             };
             Some((principal, session))

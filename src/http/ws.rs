@@ -42,7 +42,10 @@ pub async fn issue_ticket(
     caller: Caller,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let (principal, session_expires_at) = match &caller {
-        Caller::User(u) => (Principal::User(u.user_id.clone()), Some(u.expires_at)),
+        Caller::User(u) => (
+            user_principal(&state, &u.user_id).await?,
+            Some(u.expires_at),
+        ),
         Caller::Agent(a) => (Principal::Agent(a.key.api_key_id.clone()), None),
     };
     let mut bytes = zeroize::Zeroizing::new([0u8; 32]);
@@ -68,6 +71,16 @@ pub async fn issue_ticket(
 pub struct WsQuery {
     ticket: Option<String>,
     after: Option<i64>,
+}
+
+/// A user's socket principal: auditors receive every transaction's events.
+async fn user_principal(state: &AppState, user_id: &str) -> ApiResult<Principal> {
+    let view: Option<projections::UserView> =
+        state.db.view(projections::ViewKind::User, user_id).await?;
+    Ok(match view {
+        Some(v) if v.has_role(aggregates::Role::Auditor) => Principal::Auditor(user_id.to_owned()),
+        _ => Principal::User(user_id.to_owned()),
+    })
 }
 
 /// Who the socket is for, and until when its credentials are valid.
@@ -98,7 +111,7 @@ async fn authenticate(
     }
     match Caller::from_request_parts(parts, state).await? {
         Caller::User(u) => Ok(WsAuth {
-            principal: Principal::User(u.user_id),
+            principal: user_principal(state, &u.user_id).await?,
             expires_at: Some(u.expires_at),
         }),
         Caller::Agent(a) => Ok(WsAuth {

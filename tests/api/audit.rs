@@ -23,6 +23,7 @@ on_both_backends!(
     paging_through_events_while_writers_run_never_skips_or_repeats,
     rebuilt_views_equal_the_live_ones,
     an_old_version_event_is_upcast_on_load,
+    an_auditor_socket_receives_every_transaction_event,
 );
 
 /// Run SQL on either backend.
@@ -926,5 +927,53 @@ async fn an_old_version_event_is_upcast_on_load(backend: Backend) {
     let report = verify(&db).await;
     assert!(report.ok, "{:?}", report.problem);
     db.close().await;
+    app.cleanup().await;
+}
+
+async fn next_ws_json(
+    socket: &mut tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+) -> Value {
+    use futures::StreamExt;
+    loop {
+        let msg = tokio::time::timeout(std::time::Duration::from_secs(10), socket.next())
+            .await
+            .expect("a message within 10 s")
+            .expect("socket open")
+            .expect("socket message");
+        if let tokio_tungstenite::tungstenite::Message::Text(text) = msg {
+            return serde_json::from_str(text.as_str()).unwrap();
+        }
+    }
+}
+
+async fn an_auditor_socket_receives_every_transaction_event(backend: Backend) {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let app = TestApp::spawn(backend).await;
+    let (_alice, wallet, agent) = app.user_with_wallet("alice", 0).await;
+    let earlier = app
+        .prepare(&agent, native_body(&wallet, &random_address(), 1))
+        .await;
+    let carol = auditor(&app, "carol").await;
+    let url = format!("{}/api/ws?after=0", app.address.replace("http://", "ws://"));
+    let mut request = url.into_client_request().unwrap();
+    request.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", carol.token).parse().unwrap(),
+    );
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    // Replay: someone else's transaction.
+    let first = next_ws_json(&mut socket).await;
+    assert_eq!(first["type"], "event", "{first}");
+    assert_eq!(first["transaction_id"], earlier.as_str());
+    assert_eq!(next_ws_json(&mut socket).await["type"], "caught_up");
+    // Live: the next one too.
+    let later = app
+        .prepare(&agent, native_body(&wallet, &random_address(), 2))
+        .await;
+    let live = next_ws_json(&mut socket).await;
+    assert_eq!(live["transaction_id"], later.as_str(), "{live}");
+    assert_eq!(live["event_type"], "TransactionPrepared");
     app.cleanup().await;
 }
