@@ -35,8 +35,25 @@ static DUMMY_HASH: LazyLock<String> = LazyLock::new(|| {
         .to_string()
 });
 
+/// At most one argon2 computation per core at a time: each needs 19 MiB and a core for ~20 ms,
+/// so an unbounded burst of logins would exhaust memory and starve every other request.
+static HASHING: LazyLock<tokio::sync::Semaphore> = LazyLock::new(|| {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    tokio::sync::Semaphore::new(cores)
+});
+
+/// Run `work` on the blocking pool once a hashing slot is free.
+async fn hashing<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, PasswordError> + Send + 'static,
+) -> Result<T, PasswordError> {
+    let _slot = HASHING.acquire().await.map_err(|_| PasswordError::Join)?;
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|_| PasswordError::Join)?
+}
+
 pub async fn hash_password(password: SecretString) -> Result<String, PasswordError> {
-    tokio::task::spawn_blocking(move || {
+    hashing(move || {
         let salt = SaltString::generate(&mut rand::rngs::OsRng);
         argon2()
             .hash_password(password.expose_secret().as_bytes(), &salt)
@@ -44,7 +61,6 @@ pub async fn hash_password(password: SecretString) -> Result<String, PasswordErr
             .map_err(|_| PasswordError::Hash)
     })
     .await
-    .map_err(|_| PasswordError::Join)?
 }
 
 /// True only if `stored` exists and matches. Takes the same time when `stored` is `None`.
@@ -52,7 +68,7 @@ pub async fn verify_password(
     password: SecretString,
     stored: Option<String>,
 ) -> Result<bool, PasswordError> {
-    tokio::task::spawn_blocking(move || {
+    hashing(move || {
         let exists = stored.is_some();
         let hash = stored.unwrap_or_else(|| DUMMY_HASH.clone());
         let parsed = PasswordHash::new(&hash).map_err(|_| PasswordError::Hash)?;
@@ -62,7 +78,6 @@ pub async fn verify_password(
         Ok(exists && ok)
     })
     .await
-    .map_err(|_| PasswordError::Join)?
 }
 
 /// Warm the dummy hash so the first unknown-user login is not faster than later ones.
