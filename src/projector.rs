@@ -47,9 +47,10 @@ impl From<sqlx::Error> for ProjectorError {
     }
 }
 
+/// One row of the event log as read back (shared with the audit reader).
 #[derive(sqlx::FromRow)]
-struct EventRow {
-    position: i64,
+pub(crate) struct EventRow {
+    pub(crate) position: i64,
     aggregate_type: String,
     aggregate_id: String,
     sequence: i64,

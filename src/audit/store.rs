@@ -5,12 +5,12 @@
 use std::collections::VecDeque;
 
 use projections::StoredEvent;
-use serde_json::Value;
 
 use super::canonical::{self, Hash};
 use super::sealer::{CheckpointRow, CHECKPOINT_COLUMNS};
 use super::verify::{Checkpoint, Record, Seal};
 use super::AuditError;
+use crate::projector::EventRow;
 use crate::store::{with_pool, Backend, Db};
 
 const PAGE: i64 = 10_000;
@@ -26,35 +26,6 @@ pub(crate) fn event_columns(backend: Backend) -> &'static str {
         Backend::Sqlite => {
             "e.position, e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, \
              e.event_version, e.payload, e.metadata, e.recorded_at"
-        }
-    }
-}
-
-#[derive(sqlx::FromRow)]
-pub(crate) struct EventRow {
-    position: i64,
-    aggregate_type: String,
-    aggregate_id: String,
-    sequence: i64,
-    event_type: String,
-    event_version: String,
-    payload: Value,
-    metadata: Value,
-    recorded_at: String,
-}
-
-impl From<EventRow> for StoredEvent {
-    fn from(r: EventRow) -> Self {
-        Self {
-            position: r.position,
-            aggregate_type: r.aggregate_type,
-            aggregate_id: r.aggregate_id,
-            sequence: r.sequence,
-            event_type: r.event_type,
-            event_version: r.event_version,
-            payload: r.payload,
-            metadata: r.metadata,
-            recorded_at: r.recorded_at,
         }
     }
 }
