@@ -402,8 +402,8 @@ impl TestApp {
         }
     }
 
-    /// Enrol and confirm MFA for `user`.
-    pub async fn enroll_mfa(&self, user: &mut TestUser) {
+    /// Enrol and confirm MFA for `user`; returns the base32 secret.
+    pub async fn enroll_mfa(&self, user: &mut TestUser) -> String {
         let (status, body) = self
             .post(
                 "/api/setup_mfa",
@@ -412,12 +412,14 @@ impl TestApp {
             )
             .await;
         assert_eq!(status, StatusCode::OK, "{body}");
-        user.set_secret(body["secret"].as_str().unwrap());
+        let secret = body["secret"].as_str().unwrap().to_owned();
+        user.set_secret(&secret);
         let code = user.fresh_code().await;
         let (status, body) = self
             .post("/api/confirm_mfa", &user.auth(), json!({"mfa_code": code}))
             .await;
         assert_eq!(status, StatusCode::OK, "{body}");
+        secret
     }
 
     /// A user with MFA, one funded wallet and an API key for it.

@@ -25,24 +25,9 @@ on_both_backends!(
 
 const ETH: u128 = 1_000_000_000_000_000_000;
 
-/// Start and confirm MFA for `user`, returning the base32 secret (which `enroll_mfa` hides).
+/// Start and confirm MFA for `user`, returning the base32 secret.
 async fn enroll(app: &TestApp, user: &mut TestUser) -> String {
-    let (status, body) = app
-        .post(
-            "/api/setup_mfa",
-            &user.auth(),
-            json!({"password": PASSWORD}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    let secret = body["secret"].as_str().unwrap().to_owned();
-    user.set_secret(&secret);
-    let code = user.fresh_code().await;
-    let (status, body) = app
-        .post("/api/confirm_mfa", &user.auth(), json!({"mfa_code": code}))
-        .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    secret
+    app.enroll_mfa(user).await
 }
 
 async fn me(app: &TestApp, user: &TestUser) -> Value {
