@@ -18,6 +18,7 @@ use crate::projector::Projector;
 use crate::push::Hub;
 use crate::services::TotpVerifier;
 use crate::store::{cqrs, Actor, Cqrs, Db, StoreError};
+use crate::writer::Writer;
 use crate::{http, workers};
 
 /// Attempts for a command that loses an optimistic-concurrency race. Retrying is safe: the
@@ -26,7 +27,7 @@ const CONFLICT_RETRIES: usize = 3;
 
 pub struct Inner {
     pub db: Db,
-    pub projector: Projector,
+    pub projector: Arc<Projector>,
     /// Seals committed events into hash chains and signs checkpoints (see `audit`).
     pub sealer: Arc<crate::audit::Sealer>,
     pub hub: Arc<Hub>,
@@ -73,14 +74,20 @@ impl AppState {
         let sealer = crate::audit::Sealer::new(db.clone(), master_key.clone())
             .await
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let projector = Arc::new(Projector::new(db.clone()));
+        let writer = Writer::spawn(projector.clone());
         Ok(Self(Arc::new(Inner {
-            users: cqrs(&db, verifier as aggregates::UserServices),
-            wallets: cqrs(&db, ()),
-            api_keys: cqrs(&db, ()),
-            transactions: cqrs(&db, keyring.clone() as aggregates::TransactionServices),
-            projector: Projector::new(db.clone()),
+            users: cqrs(&db, &writer, verifier as aggregates::UserServices),
+            wallets: cqrs(&db, &writer, ()),
+            api_keys: cqrs(&db, &writer, ()),
+            transactions: cqrs(
+                &db,
+                &writer,
+                keyring.clone() as aggregates::TransactionServices,
+            ),
+            projector,
             sealer: Arc::new(sealer),
-            security_log: cqrs(&db, ()),
+            security_log: cqrs(&db, &writer, ()),
             hub: Arc::new(Hub::new(db.clone()).await?),
             jwt: JwtKeys::new(&config.jwt_secret, config.jwt_ttl),
             chain: Chain::new(config.chain_url),
@@ -107,8 +114,8 @@ impl AppState {
     }
 
     /// Run a command with its actor recorded in every event's metadata, retrying lost
-    /// concurrency races, then bring the views up to date so the response (and any read that
-    /// follows it) reflects the change.
+    /// concurrency races. Its events are in the views once this returns (the writer projects
+    /// them in the same transaction), so the response and any read after it reflect the change.
     pub async fn execute<A>(
         &self,
         cqrs: &Cqrs<A>,
@@ -131,11 +138,9 @@ impl AppState {
             match result {
                 Err(AggregateError::AggregateConflict) if attempt < CONFLICT_RETRIES => continue,
                 Err(e) => return Err(e.into()),
-                Ok(()) => break,
+                Ok(()) => return Ok(()),
             }
         }
-        self.projector.catch_up().await?;
-        Ok(())
     }
 }
 

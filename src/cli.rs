@@ -196,7 +196,10 @@ pub async fn set_role(username: &str, role: Role, grant: bool) -> anyhow::Result
     let Some((user_id, _)) = db.user_credentials_by_name(username).await? else {
         bail!("no user named {username:?}");
     };
-    let users = cqrs::<User>(&db, Arc::new(NoMfa) as aggregates::UserServices);
+    // The writer projects the change into the views in the same transaction, so it takes
+    // effect even if no server is running.
+    let writer = crate::writer::Writer::spawn(Arc::new(Projector::new(db.clone())));
+    let users = cqrs::<User>(&db, &writer, Arc::new(NoMfa) as aggregates::UserServices);
     let request_id = format!("cli-{}", uuid::Uuid::new_v4());
     let now = time::OffsetDateTime::now_utc();
     let command = if grant {
@@ -221,8 +224,6 @@ pub async fn set_role(username: &str, role: Role, grant: bool) -> anyhow::Result
             Ok(()) => break,
         }
     }
-    // Views now, so the change takes effect even if no server is running.
-    Projector::new(db.clone()).catch_up().await?;
     println!(
         "{} role {} {} {username}",
         if grant { "granted" } else { "revoked" },

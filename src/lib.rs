@@ -18,6 +18,7 @@ pub mod services;
 pub mod store;
 pub mod upcast;
 pub mod workers;
+pub mod writer;
 
 pub use app::{AppState, Application};
 pub use config::Config;

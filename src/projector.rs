@@ -18,6 +18,8 @@ use crate::store::{with_pool, Backend, Db, StoreError};
 
 const CHECKPOINT: &str = "views";
 const BATCH: i64 = 500;
+/// Events per multi-row INSERT of an append (8 binds each, under Postgres' 65,535).
+const APPEND_CHUNK: usize = 1000;
 /// Events per read while rebuilding.
 const REBUILD_PAGE: i64 = 10_000;
 
@@ -229,11 +231,7 @@ impl Projector {
         let _running = self.running.lock().await;
         loop {
             let (checkpoint, applied) = self.apply_batch().await?;
-            self.applied.send_if_modified(|p| {
-                let changed = *p != checkpoint;
-                *p = checkpoint;
-                changed
-            });
+            self.advance(checkpoint);
             if applied < BATCH {
                 return Ok(checkpoint);
             }
@@ -391,6 +389,143 @@ impl Projector {
             }
             tx.commit().await?;
             Ok((last, count))
+        })
+    }
+}
+
+/// The events of one command, to be appended atomically (see [`crate::writer`]).
+pub(crate) struct Append {
+    pub(crate) aggregate_type: &'static str,
+    pub(crate) events: Vec<cqrs_es::persist::SerializedEvent>,
+}
+
+impl Projector {
+    /// Append the events of several commands in ONE transaction and fold them — after any
+    /// events other writers committed since the checkpoint — into the views in the same
+    /// transaction, advancing the checkpoint. Returns the checkpoint reached.
+    ///
+    /// The checkpoint row lock is taken first and held until commit, so appends that project
+    /// are serialized with each other and with stand-alone catch-ups (same lock order
+    /// everywhere: checkpoint row, then the position lock of the insert trigger). Positions are
+    /// therefore commit-ordered, and every event below ours is committed and visible here.
+    /// A duplicate `(aggregate, sequence)` (optimistic concurrency) aborts the whole
+    /// transaction: the caller then retries the commands one by one.
+    pub(crate) async fn append(&self, batch: &[Append]) -> Result<i64, sqlx::Error> {
+        let result = self.append_inner(batch).await;
+        match result {
+            Ok(position) => {
+                self.advance(position);
+                Ok(position)
+            }
+            Err(ProjectorError::Store(StoreError::Database(e))) => Err(e),
+            Err(e) => Err(sqlx::Error::Protocol(e.to_string())),
+        }
+    }
+
+    /// Publish a checkpoint committed by this process (wakes the local push hub).
+    fn advance(&self, position: i64) {
+        self.applied.send_if_modified(|p| {
+            let changed = *p < position;
+            if changed {
+                *p = position;
+            }
+            changed
+        });
+    }
+
+    async fn append_inner(&self, batch: &[Append]) -> Result<i64, ProjectorError> {
+        let backend = self.db.backend();
+        let select_gap = format!(
+            "SELECT {} FROM events WHERE position > $1 ORDER BY position",
+            event_columns(backend)
+        );
+        let returning = match backend {
+            Backend::Postgres => {
+                " RETURNING position, \
+                 to_char(recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+            }
+            Backend::Sqlite => " RETURNING position, recorded_at",
+        };
+        let rows: Vec<(&'static str, &cqrs_es::persist::SerializedEvent)> = batch
+            .iter()
+            .flat_map(|a| a.events.iter().map(move |e| (a.aggregate_type, e)))
+            .collect();
+        with_pool!(&self.db, |pool| {
+            let mut tx = pool.begin().await?;
+            // The write lock first (row lock on Postgres, database lock on SQLite).
+            let checkpoint: i64 = sqlx::query_scalar(
+                "UPDATE projection_checkpoints SET position = position WHERE name = $1 \
+                 RETURNING position",
+            )
+            .bind(CHECKPOINT)
+            .fetch_one(&mut *tx)
+            .await?;
+            // Events committed by writers that do not project (none in normal operation).
+            let gap: Vec<EventRow> = sqlx::query_as(&select_gap)
+                .bind(checkpoint)
+                .fetch_all(&mut *tx)
+                .await?;
+            // SQLite: one writer, so the next positions are known; Postgres: the trigger.
+            let next = match backend {
+                Backend::Sqlite => Some(gap.last().map_or(checkpoint, |r| r.position) + 1),
+                Backend::Postgres => None,
+            };
+            let mut assigned: Vec<(i64, String)> = Vec::with_capacity(rows.len());
+            for (chunk_index, chunk) in rows.chunks(APPEND_CHUNK).enumerate() {
+                let mut q = sqlx::QueryBuilder::new(
+                    "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, \
+                     event_version, payload, metadata, position) ",
+                );
+                q.push_values(chunk.iter().enumerate(), |mut b, (i, (ty, e))| {
+                    b.push_bind(*ty)
+                        .push_bind(e.aggregate_id.as_str())
+                        .push_bind(e.sequence as i64)
+                        .push_bind(e.event_type.as_str())
+                        .push_bind(e.event_version.as_str())
+                        .push_bind(&e.payload)
+                        .push_bind(&e.metadata)
+                        .push_bind(next.map(|n| n + (chunk_index * APPEND_CHUNK + i) as i64));
+                });
+                q.push(returning);
+                let mut got: Vec<(i64, String)> = q.build_query_as().fetch_all(&mut *tx).await?;
+                got.sort_unstable_by_key(|(position, _)| *position);
+                assigned.extend(got);
+            }
+            // RETURNING follows VALUES order on both backends, and positions are increasing
+            // within the statement; sorting above makes the pairing independent of that.
+            let mut events: Vec<StoredEvent> = gap.into_iter().map(StoredEvent::from).collect();
+            for ((ty, e), (position, recorded_at)) in rows.iter().zip(assigned) {
+                events.push(StoredEvent {
+                    position,
+                    aggregate_type: (*ty).to_owned(),
+                    aggregate_id: e.aggregate_id.clone(),
+                    sequence: e.sequence as i64,
+                    event_type: e.event_type.clone(),
+                    event_version: e.event_version.clone(),
+                    payload: e.payload.clone(),
+                    metadata: e.metadata.clone(),
+                    recorded_at,
+                });
+            }
+            let Some(last) = events.last().map(|e| e.position) else {
+                tx.rollback().await?;
+                return Ok(checkpoint);
+            };
+            fold_into_views!(&mut *tx, events, None::<ViewKind>, None);
+            sqlx::query("UPDATE projection_checkpoints SET position = $1 WHERE name = $2")
+                .bind(last)
+                .bind(CHECKPOINT)
+                .execute(&mut *tx)
+                .await?;
+            if backend == Backend::Postgres {
+                sqlx::query("SELECT pg_notify($1, $2)")
+                    .bind(crate::push::VIEWS_CHANNEL)
+                    .bind(last.to_string())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok(last)
         })
     }
 }

@@ -18,6 +18,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{PgPool, SqlitePool};
 
+use crate::writer::{GroupCommitRepository, Writer};
+
 /// Run `$body` with `$pool` bound to the concrete pool of either backend. The body is compiled
 /// once per backend, so the same SQL text must be valid on both (sqlx accepts `$N` on SQLite).
 macro_rules! with_pool {
@@ -338,15 +340,18 @@ impl PersistedEventRepository for EventRepository {
     }
 }
 
-pub type Cqrs<A> = CqrsFramework<A, PersistedEventStore<EventRepository, A>>;
+pub type Cqrs<A> = CqrsFramework<A, PersistedEventStore<GroupCommitRepository, A>>;
 
-/// A command framework for `A` on `db`, with no query processors: views are kept by the
-/// projector from the event log, which never misses an event.
-pub fn cqrs<A: Aggregate>(db: &Db, services: A::Services) -> Cqrs<A> {
+/// A command framework for `A` on `db`, appending through `writer`, with no query processors:
+/// the writer folds each commit into the views in the same transaction (see `writer`).
+pub fn cqrs<A: Aggregate>(db: &Db, writer: &Writer, services: A::Services) -> Cqrs<A> {
     CqrsFramework::new(
         // Old event shapes are upcast on load (see `upcast`).
-        PersistedEventStore::new_event_store(db.event_repository())
-            .with_upcasters(crate::upcast::upcasters()),
+        PersistedEventStore::new_event_store(GroupCommitRepository::new(
+            db.event_repository(),
+            writer.clone(),
+        ))
+        .with_upcasters(crate::upcast::upcasters()),
         vec![],
         services,
     )

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use aggregates::{Transaction, TransactionCommand};
 use countersign::chain::KeyringSigner;
 use countersign::projector::Projector;
-use countersign::store::{cqrs, Actor, Db};
+use countersign::store::{Actor, Db};
 use countersign::Application;
 use futures::future::join_all;
 use projections::{TransactionView, ViewKind};
@@ -139,7 +139,12 @@ async fn events_committed_while_no_server_runs_reach_views_at_start(backend: Bac
         db.clone(),
         Arc::new(app.config().master_key),
     ));
-    let transactions = cqrs::<Transaction>(&db, signer);
+    // The backend's plain cqrs-es repository: it appends without projecting.
+    let transactions = cqrs_es::CqrsFramework::<Transaction, _>::new(
+        cqrs_es::persist::PersistedEventStore::new_event_store(db.event_repository()),
+        vec![],
+        signer as aggregates::TransactionServices,
+    );
     transactions
         .execute_with_metadata(
             &tx,

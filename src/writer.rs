@@ -1,0 +1,204 @@
+//! The write path: group commit.
+//!
+//! cqrs-es loads an aggregate, decides, and hands the new events to its repository's `persist`.
+//! Here `persist` does not open a transaction of its own: it queues the events for one writer
+//! task, which appends everything queued meanwhile — the events of many commands — in a single
+//! transaction that also folds them into the views and advances the projection checkpoint (see
+//! [`Projector::append`]). Under load a commit, its fsync and its round trips are shared by all
+//! the commands in it; when idle, a command is committed at once (the queue holds just it).
+//!
+//! Guarantees kept: optimistic concurrency (a second command on the same aggregate version in
+//! one batch is refused before the write; a duplicate from another node aborts the batch, which
+//! is then retried command by command, so only the stale command fails), commit-ordered
+//! positions, and views that contain a command's events when its response is sent.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use cqrs_es::persist::{
+    PersistedEventRepository, PersistenceError, ReplayStream, SerializedEvent, SerializedSnapshot,
+};
+use cqrs_es::Aggregate;
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::projector::{Append, Projector};
+use crate::store::EventRepository;
+
+/// Most events in one transaction: bounds the transaction's size and a batch's latency.
+const MAX_BATCH_EVENTS: usize = 2_000;
+/// Commands waiting for the writer; senders wait when it is full (backpressure).
+const QUEUE: usize = 4_096;
+
+struct Request {
+    append: Append,
+    reply: oneshot::Sender<Result<(), PersistenceError>>,
+}
+
+/// The handle commands append through. Cheap to clone; the writer task stops when the last
+/// handle is dropped.
+#[derive(Clone)]
+pub struct Writer {
+    sender: mpsc::Sender<Request>,
+}
+
+impl Writer {
+    /// Start the writer task (needs a Tokio runtime).
+    pub fn spawn(projector: Arc<Projector>) -> Self {
+        let (sender, receiver) = mpsc::channel(QUEUE);
+        tokio::spawn(run(projector, receiver));
+        Self { sender }
+    }
+
+    /// Append one command's events; resolves once they are committed and projected.
+    pub async fn append(
+        &self,
+        aggregate_type: &'static str,
+        events: Vec<SerializedEvent>,
+    ) -> Result<(), PersistenceError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let (reply, answer) = oneshot::channel();
+        let request = Request {
+            append: Append {
+                aggregate_type,
+                events,
+            },
+            reply,
+        };
+        let stopped = || PersistenceError::UnknownError("the event writer has stopped".into());
+        self.sender.send(request).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+}
+
+async fn run(projector: Arc<Projector>, mut receiver: mpsc::Receiver<Request>) {
+    while let Some(first) = receiver.recv().await {
+        let mut events = first.append.events.len();
+        let mut batch = vec![first];
+        while events < MAX_BATCH_EVENTS {
+            match receiver.try_recv() {
+                Ok(next) => {
+                    events += next.append.events.len();
+                    batch.push(next);
+                }
+                Err(_) => break,
+            }
+        }
+        // Two commands that read the same version of one aggregate: the later one lost the
+        // race (as it would have against the database), without costing the batch.
+        let mut claimed = HashSet::new();
+        let (batch, stale): (Vec<Request>, Vec<Request>) = batch.into_iter().partition(|r| {
+            r.append.events.iter().all(|e| {
+                claimed.insert((r.append.aggregate_type, e.aggregate_id.clone(), e.sequence))
+            })
+        });
+        for request in stale {
+            let _ = request
+                .reply
+                .send(Err(PersistenceError::OptimisticLockError));
+        }
+        commit(&projector, batch).await;
+    }
+}
+
+async fn commit(projector: &Projector, batch: Vec<Request>) {
+    let (appends, replies): (Vec<Append>, Vec<_>) =
+        batch.into_iter().map(|r| (r.append, r.reply)).unzip();
+    match projector.append(&appends).await {
+        Ok(_) => {
+            for reply in replies {
+                let _ = reply.send(Ok(()));
+            }
+        }
+        Err(e) if appends.len() > 1 => {
+            // Probably one stale command (another node won a race): find it by committing
+            // each alone. Any other failure then fails each command on its own.
+            tracing::debug!(error = %e, commands = appends.len(), "batch append failed; retrying one by one");
+            for (append, reply) in appends.into_iter().zip(replies) {
+                let result = projector.append(&[append]).await.map(|_| ());
+                let _ = reply.send(result.map_err(to_persistence));
+            }
+        }
+        Err(e) => {
+            if let Some(reply) = replies.into_iter().next() {
+                let _ = reply.send(Err(to_persistence(e)));
+            }
+        }
+    }
+}
+
+/// Map a store error the way the cqrs-es repositories do: a duplicate event is a lost race.
+fn to_persistence(e: sqlx::Error) -> PersistenceError {
+    match &e {
+        sqlx::Error::Database(db) if db.is_unique_violation() => {
+            PersistenceError::OptimisticLockError
+        }
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed => PersistenceError::ConnectionError(Box::new(e)),
+        _ => PersistenceError::UnknownError(Box::new(e)),
+    }
+}
+
+/// The repository commands use: reads from the backend's cqrs-es repository, appends through
+/// the writer.
+pub struct GroupCommitRepository {
+    read: EventRepository,
+    writer: Writer,
+}
+
+impl GroupCommitRepository {
+    pub fn new(read: EventRepository, writer: Writer) -> Self {
+        Self { read, writer }
+    }
+}
+
+impl PersistedEventRepository for GroupCommitRepository {
+    async fn get_events<A: Aggregate>(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<Vec<SerializedEvent>, PersistenceError> {
+        self.read.get_events::<A>(aggregate_id).await
+    }
+
+    async fn get_last_events<A: Aggregate>(
+        &self,
+        aggregate_id: &str,
+        last_sequence: usize,
+    ) -> Result<Vec<SerializedEvent>, PersistenceError> {
+        self.read
+            .get_last_events::<A>(aggregate_id, last_sequence)
+            .await
+    }
+
+    async fn get_snapshot<A: Aggregate>(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<Option<SerializedSnapshot>, PersistenceError> {
+        self.read.get_snapshot::<A>(aggregate_id).await
+    }
+
+    async fn persist<A: Aggregate>(
+        &self,
+        events: &[SerializedEvent],
+        snapshot_update: Option<(String, Value, usize)>,
+    ) -> Result<(), PersistenceError> {
+        // The plain event store never sends snapshots (see `store::cqrs`).
+        debug_assert!(snapshot_update.is_none());
+        self.writer.append(A::TYPE, events.to_vec()).await
+    }
+
+    async fn stream_events<A: Aggregate>(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<ReplayStream, PersistenceError> {
+        self.read.stream_events::<A>(aggregate_id).await
+    }
+
+    async fn stream_all_events<A: Aggregate>(&self) -> Result<ReplayStream, PersistenceError> {
+        self.read.stream_all_events::<A>().await
+    }
+}
