@@ -75,7 +75,8 @@ impl AppState {
             .await
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let projector = Arc::new(Projector::new(db.clone()));
-        let writer = Writer::spawn(projector.clone());
+        let hub = Arc::new(Hub::new(db.clone()).await?);
+        let writer = Writer::spawn(projector.clone(), Some(hub.clone()));
         Ok(Self(Arc::new(Inner {
             users: cqrs(&db, &writer, verifier as aggregates::UserServices),
             wallets: cqrs(&db, &writer, ()),
@@ -88,7 +89,7 @@ impl AppState {
             projector,
             sealer: Arc::new(sealer),
             security_log: cqrs(&db, &writer, ()),
-            hub: Arc::new(Hub::new(db.clone()).await?),
+            hub,
             jwt: JwtKeys::new(&config.jwt_secret, config.jwt_ttl),
             chain: Chain::new(config.chain_url),
             nonces: NonceManager::default(),

@@ -198,7 +198,7 @@ pub async fn set_role(username: &str, role: Role, grant: bool) -> anyhow::Result
     };
     // The writer projects the change into the views in the same transaction, so it takes
     // effect even if no server is running.
-    let writer = crate::writer::Writer::spawn(Arc::new(Projector::new(db.clone())));
+    let writer = crate::writer::Writer::spawn(Arc::new(Projector::new(db.clone())), None);
     let users = cqrs::<User>(&db, &writer, Arc::new(NoMfa) as aggregates::UserServices);
     let request_id = format!("cli-{}", uuid::Uuid::new_v4());
     let now = time::OffsetDateTime::now_utc();

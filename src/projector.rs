@@ -14,6 +14,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::sync::{watch, Mutex};
 
+use crate::push::PushRow;
 use crate::store::{with_pool, Backend, Db, StoreError};
 
 const CHECKPOINT: &str = "views";
@@ -199,7 +200,7 @@ macro_rules! fold_into_views {
             );
             q.build().execute($tx).await?;
         }
-        written.len()
+        written
     }};
 }
 
@@ -410,20 +411,19 @@ impl Projector {
     /// therefore commit-ordered, and every event below ours is committed and visible here.
     /// A duplicate `(aggregate, sequence)` (optimistic concurrency) aborts the whole
     /// transaction: the caller then retries the commands one by one.
-    pub(crate) async fn append(&self, batch: &[Append]) -> Result<i64, sqlx::Error> {
-        let result = self.append_inner(batch).await;
-        match result {
-            Ok(position) => {
-                self.advance(position);
-                Ok(position)
-            }
+    ///
+    /// The caller publishes the result: to the push hub, then with [`Projector::advance`].
+    pub(crate) async fn append(&self, batch: &[Append]) -> Result<Appended, sqlx::Error> {
+        match self.append_inner(batch).await {
+            Ok(appended) => Ok(appended),
             Err(ProjectorError::Store(StoreError::Database(e))) => Err(e),
             Err(e) => Err(sqlx::Error::Protocol(e.to_string())),
         }
     }
 
-    /// Publish a checkpoint committed by this process (wakes the local push hub).
-    fn advance(&self, position: i64) {
+    /// Publish a checkpoint committed by this process (wakes the local push hub and readers
+    /// waiting for their views).
+    pub(crate) fn advance(&self, position: i64) {
         self.applied.send_if_modified(|p| {
             let changed = *p < position;
             if changed {
@@ -433,7 +433,7 @@ impl Projector {
         });
     }
 
-    async fn append_inner(&self, batch: &[Append]) -> Result<i64, ProjectorError> {
+    async fn append_inner(&self, batch: &[Append]) -> Result<Appended, ProjectorError> {
         let backend = self.db.backend();
         let select_gap = format!(
             "SELECT {} FROM events WHERE position > $1 ORDER BY position",
@@ -509,9 +509,29 @@ impl Projector {
             }
             let Some(last) = events.last().map(|e| e.position) else {
                 tx.rollback().await?;
-                return Ok(checkpoint);
+                return Ok(Appended {
+                    after: checkpoint,
+                    upto: checkpoint,
+                    events: Vec::new(),
+                });
             };
-            fold_into_views!(&mut *tx, events, None::<ViewKind>, None);
+            let mut pushed: Vec<PushRow> = events.iter().map(PushRow::unrouted).collect();
+            let written = fold_into_views!(&mut *tx, events, None::<ViewKind>, None);
+            // Route by the transaction's view as of this commit, as the hub's query would.
+            let routes: HashMap<&str, &ViewDoc> = written
+                .iter()
+                .filter(|(doc, _, _)| doc.kind == ViewKind::Transaction)
+                .map(|(doc, _, _)| (doc.id.as_str(), doc))
+                .collect();
+            for row in &mut pushed {
+                if row.aggregate_type == "Transaction" {
+                    if let Some(doc) = routes.get(row.aggregate_id.as_str()) {
+                        row.owner_user_id.clone_from(&doc.owner_user_id);
+                        row.api_key_id.clone_from(&doc.api_key_id);
+                        row.wallet_address.clone_from(&doc.wallet_address);
+                    }
+                }
+            }
             sqlx::query("UPDATE projection_checkpoints SET position = $1 WHERE name = $2")
                 .bind(last)
                 .bind(CHECKPOINT)
@@ -525,9 +545,21 @@ impl Projector {
                     .await?;
             }
             tx.commit().await?;
-            Ok(last)
+            Ok(Appended {
+                after: checkpoint,
+                upto: last,
+                events: pushed,
+            })
         })
     }
+}
+
+/// What one append committed: the events in `(after, upto]` — every event in that range, with
+/// push routing — for the local hub.
+pub(crate) struct Appended {
+    pub(crate) after: i64,
+    pub(crate) upto: i64,
+    pub(crate) events: Vec<PushRow>,
 }
 
 /// Read queries over views and the event log.

@@ -77,6 +77,21 @@ fn status_after(event_type: &str) -> Option<&'static str> {
 }
 
 impl PushRow {
+    /// A row for `event`, its routing columns still to be filled in.
+    pub fn unrouted(event: &projections::StoredEvent) -> Self {
+        Self {
+            position: event.position,
+            aggregate_type: event.aggregate_type.clone(),
+            aggregate_id: event.aggregate_id.clone(),
+            event_type: event.event_type.clone(),
+            payload: event.payload.clone(),
+            recorded_at: event.recorded_at.clone(),
+            owner_user_id: None,
+            api_key_id: None,
+            wallet_address: None,
+        }
+    }
+
     /// The wire message for a transaction event.
     pub fn message(&self) -> Option<String> {
         if self.aggregate_type != "Transaction" {
@@ -243,6 +258,33 @@ impl Hub {
         self.wake.notify_one();
     }
 
+    /// Route the events this node just committed — every event in `(after, upto]` — without
+    /// reading them back, if they continue exactly where the hub is and no pump is running.
+    /// Otherwise wake the pump, which reads them from the database (the source of truth).
+    pub fn publish(&self, after: i64, upto: i64, events: &[PushRow]) {
+        let Ok(_pumping) = self.pumping.try_lock() else {
+            self.wake();
+            return;
+        };
+        let cursor = {
+            let mut state = self.lock();
+            if state.cursor != after {
+                state.cursor
+            } else {
+                for row in events {
+                    Self::route(&mut state, row);
+                }
+                state.cursor = upto;
+                upto
+            }
+        };
+        if cursor == upto {
+            self.position.send_replace(upto);
+        } else if cursor < upto {
+            self.wake();
+        }
+    }
+
     /// Route everything new, page by page.
     pub async fn pump(&self) -> Result<(), StoreError> {
         let _pumping = self.pumping.lock().await;
@@ -316,6 +358,10 @@ impl Hub {
                 changed = local.changed() => {
                     if changed.is_err() {
                         return;
+                    }
+                    // Commits of this node are usually routed by `publish` already.
+                    if *local.borrow_and_update() <= self.lock().cursor {
+                        continue;
                     }
                 }
                 _ = tick.tick() => {}

@@ -22,7 +22,8 @@ use cqrs_es::Aggregate;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::projector::{Append, Projector};
+use crate::projector::{Append, Appended, Projector};
+use crate::push::Hub;
 use crate::store::EventRepository;
 
 /// Most events in one transaction: bounds the transaction's size and a batch's latency.
@@ -43,10 +44,11 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Start the writer task (needs a Tokio runtime).
-    pub fn spawn(projector: Arc<Projector>) -> Self {
+    /// Start the writer task (needs a Tokio runtime). Commits are routed straight to `hub`'s
+    /// sockets when there is one.
+    pub fn spawn(projector: Arc<Projector>, hub: Option<Arc<Hub>>) -> Self {
         let (sender, receiver) = mpsc::channel(QUEUE);
-        tokio::spawn(run(projector, receiver));
+        tokio::spawn(run(projector, hub, receiver));
         Self { sender }
     }
 
@@ -73,7 +75,11 @@ impl Writer {
     }
 }
 
-async fn run(projector: Arc<Projector>, mut receiver: mpsc::Receiver<Request>) {
+async fn run(
+    projector: Arc<Projector>,
+    hub: Option<Arc<Hub>>,
+    mut receiver: mpsc::Receiver<Request>,
+) {
     while let Some(first) = receiver.recv().await {
         let mut events = first.append.events.len();
         let mut batch = vec![first];
@@ -99,15 +105,24 @@ async fn run(projector: Arc<Projector>, mut receiver: mpsc::Receiver<Request>) {
                 .reply
                 .send(Err(PersistenceError::OptimisticLockError));
         }
-        commit(&projector, batch).await;
+        commit(&projector, hub.as_deref(), batch).await;
     }
 }
 
-async fn commit(projector: &Projector, batch: Vec<Request>) {
+/// Hand committed events to the local push hub, then announce the checkpoint.
+fn publish(projector: &Projector, hub: Option<&Hub>, appended: Appended) {
+    if let Some(hub) = hub {
+        hub.publish(appended.after, appended.upto, &appended.events);
+    }
+    projector.advance(appended.upto);
+}
+
+async fn commit(projector: &Projector, hub: Option<&Hub>, batch: Vec<Request>) {
     let (appends, replies): (Vec<Append>, Vec<_>) =
         batch.into_iter().map(|r| (r.append, r.reply)).unzip();
     match projector.append(&appends).await {
-        Ok(_) => {
+        Ok(appended) => {
+            publish(projector, hub, appended);
             for reply in replies {
                 let _ = reply.send(Ok(()));
             }
@@ -117,7 +132,8 @@ async fn commit(projector: &Projector, batch: Vec<Request>) {
             // each alone. Any other failure then fails each command on its own.
             tracing::debug!(error = %e, commands = appends.len(), "batch append failed; retrying one by one");
             for (append, reply) in appends.into_iter().zip(replies) {
-                let result = projector.append(&[append]).await.map(|_| ());
+                let result = projector.append(&[append]).await;
+                let result = result.map(|appended| publish(projector, hub, appended));
                 let _ = reply.send(result.map_err(to_persistence));
             }
         }
