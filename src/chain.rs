@@ -116,7 +116,11 @@ pub struct Receipt {
 pub struct Chain {
     provider: RootProvider,
     chain_id: Arc<OnceCell<u64>>,
+    recent_fees: Arc<std::sync::Mutex<Option<(std::time::Instant, (u128, u128))>>>,
 }
+
+/// How long a fee estimate serves approval prompts.
+const RECENT_FEES: std::time::Duration = std::time::Duration::from_secs(1);
 
 async fn timed<T>(
     fut: impl std::future::Future<Output = Result<T, RpcError<TransportErrorKind>>>,
@@ -132,6 +136,7 @@ impl Chain {
         Self {
             provider: RootProvider::new_http(url),
             chain_id: Arc::new(OnceCell::new()),
+            recent_fees: Arc::default(),
         }
     }
 
@@ -168,6 +173,20 @@ impl Chain {
         .await
     }
 
+    /// [`Chain::fees`], reused for up to a second: for approval prompts, which show an
+    /// estimate, not for signing.
+    pub async fn recent_fees(&self) -> Result<(u128, u128), ChainError> {
+        if let Some((at, fees)) = *self.recent_fees.lock().unwrap_or_else(|e| e.into_inner()) {
+            if at.elapsed() < RECENT_FEES {
+                return Ok(fees);
+            }
+        }
+        let fees = self.fees().await?;
+        *self.recent_fees.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((std::time::Instant::now(), fees));
+        Ok(fees)
+    }
+
     pub async fn fees(&self) -> Result<(u128, u128), ChainError> {
         let est = timed(self.provider.estimate_eip1559_fees()).await?;
         Ok((est.max_fee_per_gas, est.max_priority_fee_per_gas))
@@ -189,8 +208,7 @@ impl Chain {
         timed(self.provider.estimate_gas(request).into_future()).await
     }
 
-    /// Simulate the call exactly as the wallet would send it: `eth_call` (does it revert, and
-    /// why?), then `eth_estimateGas`.
+    /// Simulate the call exactly as the wallet would send it: its gas, or why it reverts.
     pub async fn simulate(
         &self,
         from: &Address,
@@ -203,11 +221,8 @@ impl Chain {
             .with_to(to_alloy(to))
             .with_value(value)
             .with_input(Bytes::copy_from_slice(data));
-        if let Err(reverted) =
-            simulation_step(self.provider.call(request.clone()).into_future()).await?
-        {
-            return Ok(reverted);
-        }
+        // One round trip: a reverting call fails its gas estimate with the same revert data
+        // and reason as `eth_call` would.
         Ok(
             match simulation_step(self.provider.estimate_gas(request).into_future()).await? {
                 Ok(gas) => CallOutcome::Success { gas },

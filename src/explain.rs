@@ -123,7 +123,7 @@ pub async fn explain(chain: &Chain, call: &Call, payload: &TxPayload) -> Explain
                 to_u256(&payload.value),
                 payload.data.as_slice()
             ),
-            chain.fees(),
+            chain.recent_fees(),
             token
         )
     };

@@ -579,6 +579,21 @@ impl Db {
         payload.map(decode_view).transpose()
     }
 
+    /// The view of the API key whose credential hash is `key_hash`.
+    pub async fn api_key_view_by_hash<T: DeserializeOwned>(
+        &self,
+        key_hash: &str,
+    ) -> Result<Option<T>, StoreError> {
+        let payload: Option<Value> = with_pool!(self, |pool| sqlx::query_scalar(
+            "SELECT v.payload FROM api_key_credentials c \
+             JOIN views v ON v.kind = 'api_key' AND v.id = c.api_key_id WHERE c.key_hash = $1"
+        )
+        .bind(key_hash)
+        .fetch_optional(pool)
+        .await?);
+        payload.map(decode_view).transpose()
+    }
+
     /// Views of one kind selected by a column (`owner_user_id`, `api_key_id` or
     /// `wallet_address`), newest first, optionally filtered by status.
     pub async fn views_by<T: DeserializeOwned>(

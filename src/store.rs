@@ -257,15 +257,6 @@ impl Db {
         Ok(())
     }
 
-    pub async fn api_key_id_by_hash(&self, key_hash: &str) -> Result<Option<String>, StoreError> {
-        Ok(with_pool!(self, |pool| sqlx::query_scalar(
-            "SELECT api_key_id FROM api_key_credentials WHERE key_hash = $1"
-        )
-        .bind(key_hash)
-        .fetch_optional(pool)
-        .await?))
-    }
-
     /// The `TransactionExecuted` payload of a transaction, if it was executed.
     pub async fn executed_event(&self, transaction_id: &str) -> Result<Option<Value>, StoreError> {
         let payload: Option<Value> = with_pool!(self, |pool| sqlx::query_scalar(

@@ -183,12 +183,16 @@ async fn agent_from_key(state: &AppState, key: &str) -> Result<AuthAgent, ApiErr
     if !ApiKeySecret::looks_valid(key) {
         return Err(invalid());
     }
-    let key_id = state
+    // One round trip: the credential and its view (revocation is read on every call).
+    let view: ApiKeyView = state
         .db
-        .api_key_id_by_hash(&ApiKeySecret::hash_presented(key))
+        .api_key_view_by_hash(&ApiKeySecret::hash_presented(key))
         .await?
         .ok_or_else(invalid)?;
-    agent_by_id(state, &key_id).await
+    if view.is_revoked() {
+        return Err(invalid());
+    }
+    Ok(AuthAgent { key: view })
 }
 
 /// The agent of an API key id, unless the key is revoked.
