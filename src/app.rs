@@ -51,6 +51,8 @@ pub struct Inner {
     /// Set by the crash test hook: this instance behaves as a dead process and broadcasts
     /// nothing more.
     halted: AtomicBool,
+    /// Counters and histograms behind `GET /metrics`.
+    pub metrics: crate::metrics::Metrics,
 }
 
 #[derive(Clone)]
@@ -98,6 +100,7 @@ impl AppState {
             max_fee_per_gas_cap: config.max_fee_per_gas_cap,
             crash_after_sign_for_tests: config.crash_after_sign_for_tests,
             halted: AtomicBool::new(false),
+            metrics: crate::metrics::Metrics::new(config.metrics),
             master_key,
             keyring,
             db,
@@ -133,9 +136,11 @@ impl AppState {
         let mut attempt = 0;
         loop {
             attempt += 1;
+            let started = std::time::Instant::now();
             let result = cqrs
                 .execute_with_metadata(aggregate_id, command.clone(), actor.metadata(request_id))
                 .await;
+            self.metrics.record_command(A::TYPE, &result, started);
             match result {
                 Err(AggregateError::AggregateConflict) if attempt < CONFLICT_RETRIES => continue,
                 Err(e) => return Err(e.into()),

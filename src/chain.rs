@@ -24,6 +24,7 @@ use tokio::sync::{Mutex, OnceCell};
 use zeroize::Zeroizing;
 
 use crate::crypto::{MasterKey, Purpose};
+use crate::metrics::{ChainMetrics, RpcMethod, RpcOutcome};
 use crate::store::Db;
 
 const RPC_TIMEOUT: Duration = Duration::from_secs(10);
@@ -82,9 +83,19 @@ pub enum CallOutcome {
 /// Run one simulation step: a node error answer means the call fails (`Ok(Err(..))`); no
 /// answer means the chain is unavailable.
 async fn simulation_step<T>(
+    metrics: &ChainMetrics,
+    method: RpcMethod,
     fut: impl std::future::Future<Output = Result<T, RpcError<TransportErrorKind>>>,
 ) -> Result<Result<T, CallOutcome>, ChainError> {
-    match tokio::time::timeout(RPC_TIMEOUT, fut).await {
+    let started = std::time::Instant::now();
+    let result = tokio::time::timeout(RPC_TIMEOUT, fut).await;
+    let outcome = match &result {
+        Ok(Ok(_)) => RpcOutcome::Ok,
+        Ok(Err(e)) if e.as_error_resp().is_some() => RpcOutcome::Rejected,
+        _ => RpcOutcome::Unavailable,
+    };
+    metrics.observe(method, outcome, started.elapsed());
+    match result {
         Err(_) => Err(ChainError::Unavailable("timed out".into())),
         Ok(Ok(v)) => Ok(Ok(v)),
         Ok(Err(e)) => match e.as_error_resp() {
@@ -116,26 +127,44 @@ pub struct Receipt {
 pub struct Chain {
     provider: RootProvider,
     chain_id: Arc<OnceCell<u64>>,
+    metrics: Arc<ChainMetrics>,
     recent_fees: Arc<std::sync::Mutex<Option<(std::time::Instant, (u128, u128))>>>,
 }
 
 /// How long a fee estimate serves approval prompts.
 const RECENT_FEES: std::time::Duration = std::time::Duration::from_secs(1);
 
-async fn timed<T>(
-    fut: impl std::future::Future<Output = Result<T, RpcError<TransportErrorKind>>>,
-) -> Result<T, ChainError> {
-    match tokio::time::timeout(RPC_TIMEOUT, fut).await {
-        Ok(r) => r.map_err(ChainError::from),
-        Err(_) => Err(ChainError::Unavailable("timed out".into())),
-    }
-}
-
 impl Chain {
+    /// Latency and errors of every call, per method (rendered by `/metrics`).
+    pub fn metrics(&self) -> &ChainMetrics {
+        &self.metrics
+    }
+
+    /// One RPC bounded by the timeout, counted in the metrics.
+    async fn timed<T>(
+        &self,
+        method: RpcMethod,
+        fut: impl std::future::Future<Output = Result<T, RpcError<TransportErrorKind>>>,
+    ) -> Result<T, ChainError> {
+        let started = std::time::Instant::now();
+        let result = match tokio::time::timeout(RPC_TIMEOUT, fut).await {
+            Ok(r) => r.map_err(ChainError::from),
+            Err(_) => Err(ChainError::Unavailable("timed out".into())),
+        };
+        let outcome = match &result {
+            Ok(_) => RpcOutcome::Ok,
+            Err(ChainError::Rejected(_)) => RpcOutcome::Rejected,
+            Err(ChainError::Unavailable(_)) => RpcOutcome::Unavailable,
+        };
+        self.metrics.observe(method, outcome, started.elapsed());
+        result
+    }
+
     pub fn new(url: url::Url) -> Self {
         Self {
             provider: RootProvider::new_http(url),
             chain_id: Arc::new(OnceCell::new()),
+            metrics: Arc::default(),
             recent_fees: Arc::default(),
         }
     }
@@ -143,18 +172,28 @@ impl Chain {
     /// The chain id, asked once and cached.
     pub async fn chain_id(&self) -> Result<u64, ChainError> {
         self.chain_id
-            .get_or_try_init(|| timed(self.provider.get_chain_id().into_future()))
+            .get_or_try_init(|| {
+                self.timed(
+                    RpcMethod::ChainId,
+                    self.provider.get_chain_id().into_future(),
+                )
+            })
             .await
             .copied()
     }
 
     pub async fn balance(&self, address: &Address) -> Result<U256, ChainError> {
-        timed(self.provider.get_balance(to_alloy(address)).into_future()).await
+        self.timed(
+            RpcMethod::GetBalance,
+            self.provider.get_balance(to_alloy(address)).into_future(),
+        )
+        .await
     }
 
     /// How many transactions from `address` are mined (the next nonce, if none is pending).
     pub async fn mined_nonce(&self, address: &Address) -> Result<u64, ChainError> {
-        timed(
+        self.timed(
+            RpcMethod::GetTransactionCount,
             self.provider
                 .get_transaction_count(to_alloy(address))
                 .latest()
@@ -164,7 +203,8 @@ impl Chain {
     }
 
     pub async fn pending_nonce(&self, address: &Address) -> Result<u64, ChainError> {
-        timed(
+        self.timed(
+            RpcMethod::GetTransactionCount,
             self.provider
                 .get_transaction_count(to_alloy(address))
                 .pending()
@@ -188,7 +228,9 @@ impl Chain {
     }
 
     pub async fn fees(&self) -> Result<(u128, u128), ChainError> {
-        let est = timed(self.provider.estimate_eip1559_fees()).await?;
+        let est = self
+            .timed(RpcMethod::FeeHistory, self.provider.estimate_eip1559_fees())
+            .await?;
         Ok((est.max_fee_per_gas, est.max_priority_fee_per_gas))
     }
 
@@ -205,7 +247,11 @@ impl Chain {
             .with_to(to_alloy(to))
             .with_value(value)
             .with_input(Bytes::copy_from_slice(data));
-        timed(self.provider.estimate_gas(request).into_future()).await
+        self.timed(
+            RpcMethod::EstimateGas,
+            self.provider.estimate_gas(request).into_future(),
+        )
+        .await
     }
 
     /// Simulate the call exactly as the wallet would send it: its gas, or why it reverts.
@@ -224,7 +270,13 @@ impl Chain {
         // One round trip: a reverting call fails its gas estimate with the same revert data
         // and reason as `eth_call` would.
         Ok(
-            match simulation_step(self.provider.estimate_gas(request).into_future()).await? {
+            match simulation_step(
+                &self.metrics,
+                RpcMethod::EstimateGas,
+                self.provider.estimate_gas(request).into_future(),
+            )
+            .await?
+            {
                 Ok(gas) => CallOutcome::Success { gas },
                 Err(reverted) => reverted,
             },
@@ -236,7 +288,8 @@ impl Chain {
         let request = TransactionRequest::default()
             .with_to(to_alloy(to))
             .with_input(Bytes::copy_from_slice(data));
-        timed(self.provider.call(request).into_future()).await
+        self.timed(RpcMethod::Call, self.provider.call(request).into_future())
+            .await
     }
 
     /// A token's `symbol()` and `decimals()`, each `None` if the token does not answer it in a
@@ -265,7 +318,13 @@ impl Chain {
     /// is mined) counts as success: the same bytes may be sent twice, by the execution and by
     /// the receipt worker's rebroadcast, which is also how a crash before broadcast recovers.
     pub async fn send_raw(&self, raw: &[u8]) -> Result<(), ChainError> {
-        match timed(self.provider.send_raw_transaction(raw)).await {
+        match self
+            .timed(
+                RpcMethod::SendRawTransaction,
+                self.provider.send_raw_transaction(raw),
+            )
+            .await
+        {
             Ok(_) => Ok(()),
             Err(ChainError::Rejected(msg)) => {
                 let tx_hash = format!("{:#x}", primitives::keccak256(raw));
@@ -283,7 +342,12 @@ impl Chain {
         let hash: B256 = tx_hash
             .parse()
             .map_err(|_| ChainError::Rejected(format!("bad transaction hash {tx_hash}")))?;
-        let receipt = timed(self.provider.get_transaction_receipt(hash).into_future()).await?;
+        let receipt = self
+            .timed(
+                RpcMethod::GetTransactionReceipt,
+                self.provider.get_transaction_receipt(hash).into_future(),
+            )
+            .await?;
         Ok(receipt.map(|r| Receipt {
             success: r.status(),
             block_number: r.block_number().unwrap_or_default(),
@@ -296,7 +360,12 @@ impl Chain {
         let hash: B256 = tx_hash
             .parse()
             .map_err(|_| ChainError::Rejected(format!("bad transaction hash {tx_hash}")))?;
-        let tx = timed(self.provider.get_transaction_by_hash(hash).into_future()).await?;
+        let tx = self
+            .timed(
+                RpcMethod::GetTransactionByHash,
+                self.provider.get_transaction_by_hash(hash).into_future(),
+            )
+            .await?;
         Ok(tx.is_some())
     }
 }

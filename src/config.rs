@@ -10,6 +10,7 @@ use rand::RngCore;
 use secrecy::SecretString;
 
 use crate::crypto::MasterKey;
+use crate::metrics::MetricsAccess;
 
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://countersign.db";
 pub const DEFAULT_ADDR: &str = "127.0.0.1:8080";
@@ -48,6 +49,8 @@ pub struct Config {
     /// transaction is recorded and before it is broadcast. The execute request then answers
     /// 500 and the instance stops broadcasting (as a dead process would) until restarted.
     pub crash_after_sign_for_tests: bool,
+    /// Who may read `GET /metrics` (`COUNTERSIGN_METRICS`, `COUNTERSIGN_METRICS_TOKEN`).
+    pub metrics: MetricsAccess,
 }
 
 impl std::fmt::Debug for Config {
@@ -59,6 +62,7 @@ impl std::fmt::Debug for Config {
             .field("addr", &self.addr)
             .field("jwt_ttl", &self.jwt_ttl)
             .field("max_fee_per_gas_cap", &self.max_fee_per_gas_cap)
+            .field("metrics", &self.metrics)
             .finish_non_exhaustive()
     }
 }
@@ -155,7 +159,43 @@ impl Config {
             poll_interval: Duration::from_millis(poll_ms.max(10)),
             max_fee_per_gas_cap,
             crash_after_sign_for_tests: false,
+            metrics: metrics_access()?,
         })
+    }
+}
+
+/// `COUNTERSIGN_METRICS` (`on`, the default, or `off`) and `COUNTERSIGN_METRICS_TOKEN` (when
+/// set, scrapes need it as a bearer token).
+fn metrics_access() -> Result<MetricsAccess, ConfigError> {
+    let enabled = match var("COUNTERSIGN_METRICS").map(|v| v.trim().to_ascii_lowercase()) {
+        None => true,
+        Some(v) if v == "on" => true,
+        Some(v) if v == "off" => false,
+        Some(_) => {
+            return Err(ConfigError::Invalid {
+                name: "COUNTERSIGN_METRICS",
+                why: "must be `on` or `off`".into(),
+            })
+        }
+    };
+    let token = var("COUNTERSIGN_METRICS_TOKEN");
+    match (enabled, token) {
+        (false, Some(_)) => Err(ConfigError::Invalid {
+            name: "COUNTERSIGN_METRICS_TOKEN",
+            why: "is set while COUNTERSIGN_METRICS=off; unset one of them".into(),
+        }),
+        (false, None) => Ok(MetricsAccess::Disabled),
+        (true, None) => Ok(MetricsAccess::Open),
+        (true, Some(token)) if token.trim().len() < crate::metrics::MIN_TOKEN_LEN => {
+            Err(ConfigError::Invalid {
+                name: "COUNTERSIGN_METRICS_TOKEN",
+                why: format!(
+                    "must be at least {} characters of random data",
+                    crate::metrics::MIN_TOKEN_LEN
+                ),
+            })
+        }
+        (true, Some(token)) => Ok(MetricsAccess::Token(SecretString::from(token.trim()))),
     }
 }
 

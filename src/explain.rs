@@ -129,11 +129,14 @@ pub async fn explain(chain: &Chain, call: &Call, payload: &TxPayload) -> Explain
     };
     let (simulated, fees, token) = match tokio::time::timeout(EXPLAIN_BUDGET, reads).await {
         Ok(results) => results,
-        Err(_) => (
-            Err(ChainError::Unavailable("timed out".into())),
-            Err(ChainError::Unavailable("timed out".into())),
-            None,
-        ),
+        Err(_) => {
+            chain.metrics().explain_budget_exceeded();
+            (
+                Err(ChainError::Unavailable("timed out".into())),
+                Err(ChainError::Unavailable("timed out".into())),
+                None,
+            )
+        }
     };
     let max_fee_per_gas = fees.ok().map(|(max_fee, _)| max_fee);
     let (outcome, gas_estimate) = match simulated {

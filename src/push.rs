@@ -236,6 +236,16 @@ impl Hub {
         self.lock().subscribers.len()
     }
 
+    /// Messages routed to sockets and not yet taken by them: the total and the deepest queue
+    /// (for `/metrics`).
+    pub fn queued_messages(&self) -> (usize, usize) {
+        self.lock()
+            .subscribers
+            .values()
+            .map(|s| s.tx.max_capacity() - s.tx.capacity())
+            .fold((0, 0), |(total, deepest), q| (total + q, deepest.max(q)))
+    }
+
     pub fn subscribe(&self, principal: Principal) -> Subscription {
         let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
         let mut state = self.lock();

@@ -33,6 +33,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 const OPENAPI: &str = include_str!("../openapi.json");
 
 pub fn router(state: AppState) -> Router {
+    let metrics_state = state.clone();
     let api = Router::new()
         .route("/register", post(users::register))
         .route("/login", post(users::login))
@@ -71,6 +72,7 @@ pub fn router(state: AppState) -> Router {
         .nest("/api", api)
         .merge(web::routes())
         .route("/healthz", get(healthz))
+        .route("/metrics", get(crate::metrics::scrape))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -88,6 +90,11 @@ pub fn router(state: AppState) -> Router {
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::internal("handler panicked").into_response()
         }))
+        // Outside the panic catcher, so a panic counts as the 500 it becomes.
+        .layer(axum::middleware::from_fn_with_state(
+            metrics_state,
+            crate::metrics::track_requests,
+        ))
         .layer(PropagateRequestIdLayer::x_request_id())
         // Spans carry method, matched route and request id; never headers or bodies.
         .layer(

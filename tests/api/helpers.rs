@@ -262,6 +262,7 @@ pub fn test_config(database_url: &str, chain_url: &str, master_key_b64: &str, jw
         poll_interval: Duration::from_millis(100),
         max_fee_per_gas_cap: None,
         crash_after_sign_for_tests: false,
+        metrics: Default::default(),
     }
 }
 

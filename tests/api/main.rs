@@ -7,6 +7,7 @@ mod docs;
 mod flow;
 mod helpers;
 mod kinds;
+mod metrics;
 mod negative;
 mod projections;
 mod push;
