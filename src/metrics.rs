@@ -119,8 +119,11 @@ impl Histogram {
 /// thread that loses the race for an empty slot to a different key probes on. When every slot is
 /// taken the caller gets `None` and counts into its overflow series instead.
 struct Table<K, V> {
-    slots: Box<[OnceLock<Box<(K, V)>>]>,
+    slots: Box<[Slot<K, V>]>,
 }
+
+/// A series and its key, written once.
+type Slot<K, V> = OnceLock<Box<(K, V)>>;
 
 impl<K, V: Default> Table<K, V> {
     fn new(capacity: usize) -> Self {
