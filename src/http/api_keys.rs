@@ -104,7 +104,8 @@ pub async fn revoke(
     RequestId(request_id): RequestId,
     Path(api_key_id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    if api_key_id.len() > 64 {
+    // Ids are UUIDs: anything else names no key (and never reaches the store).
+    if uuid::Uuid::parse_str(&api_key_id).is_err() {
         return Err(ApiError::not_found("API key"));
     }
     let command = ApiKeyCommand::Revoke {

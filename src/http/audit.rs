@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use time::OffsetDateTime;
 
 use super::error::{ApiError, ApiResult};
-use super::extract::{ApiQuery, AuthUser, Caller};
+use super::extract::{ApiQuery, AuthUser, Bounded, Caller};
 use crate::app::AppState;
 use crate::audit::{self, EventFilter, SealedEvent};
 
@@ -80,9 +80,10 @@ fn event_json(e: &SealedEvent) -> Value {
 pub struct EventsQuery {
     after: Option<i64>,
     limit: Option<i64>,
-    aggregate_type: Option<String>,
-    aggregate_id: Option<String>,
-    event_type: Option<String>,
+    // Bounded: no control characters (a NUL is not even storable as PostgreSQL text).
+    aggregate_type: Option<Bounded<128>>,
+    aggregate_id: Option<Bounded<128>>,
+    event_type: Option<Bounded<128>>,
     from: Option<String>,
     to: Option<String>,
 }
@@ -118,9 +119,9 @@ pub async fn events(
     let filter = EventFilter {
         after,
         limit,
-        aggregate_type: query.aggregate_type,
-        aggregate_id: query.aggregate_id,
-        event_type: query.event_type,
+        aggregate_type: query.aggregate_type.map(|b| b.0),
+        aggregate_id: query.aggregate_id.map(|b| b.0),
+        event_type: query.event_type.map(|b| b.0),
         from: parse_time("from", query.from)?,
         to: parse_time("to", query.to)?,
         owner_user_id: (!reader.auditor).then(|| reader.user.user_id.clone()),
@@ -145,6 +146,9 @@ pub async fn transaction(
     Path(transaction_id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     let reader = reader(&state, caller).await?;
+    if uuid::Uuid::parse_str(&transaction_id).is_err() {
+        return Err(ApiError::not_found("transaction"));
+    }
     let view: Option<TransactionView> = state
         .db
         .view(ViewKind::Transaction, &transaction_id)
