@@ -1,5 +1,6 @@
 //! The `SecurityLog` aggregate: security events that belong to no other aggregate — login
-//! attempts, including those for usernames that do not exist.
+//! attempts, including those for usernames that do not exist, and master-key rotations by the
+//! operator.
 //!
 //! Each attempt is its own aggregate instance (a fresh id, one event). So recording never
 //! contends with anything (no hot "log of the day" aggregate whose history grows with every
@@ -22,6 +23,16 @@ pub enum SecurityLogCommand {
         success: bool,
         now: OffsetDateTime,
     },
+    /// `countersign keys rotate` rewrapped sealed secrets under a new master key.
+    RecordKeyRotation {
+        /// Master-key ids (public fingerprints) rotated away from.
+        from_key_ids: Vec<String>,
+        to_key_id: String,
+        rewrapped: u64,
+        /// Secrets that could not be rewrapped (still under an old key).
+        failed: u64,
+        now: OffsetDateTime,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -39,6 +50,16 @@ pub enum SecurityLogEvent {
         #[serde(with = "time::serde::rfc3339")]
         at: OffsetDateTime,
     },
+    /// Sealed secrets were rewrapped from `from_key_ids` to `to_key_id`. Key ids only: no key
+    /// material, not even encrypted.
+    MasterKeyRotated {
+        from_key_ids: Vec<String>,
+        to_key_id: String,
+        rewrapped: u64,
+        failed: u64,
+        #[serde(with = "time::serde::rfc3339")]
+        at: OffsetDateTime,
+    },
 }
 
 impl DomainEvent for SecurityLogEvent {
@@ -46,6 +67,7 @@ impl DomainEvent for SecurityLogEvent {
         match self {
             Self::LoginSucceeded { .. } => "LoginSucceeded",
             Self::LoginFailed { .. } => "LoginFailed",
+            Self::MasterKeyRotated { .. } => "MasterKeyRotated",
         }
         .to_owned()
     }
@@ -84,24 +106,40 @@ impl Aggregate for SecurityLog {
         if self.recorded {
             return Err(SecurityLogError::AlreadyRecorded);
         }
-        let SecurityLogCommand::RecordLogin {
-            user_id,
-            username,
-            success,
-            now,
-        } = command;
-        let event = if success {
-            SecurityLogEvent::LoginSucceeded {
+        let event = match command {
+            SecurityLogCommand::RecordLogin {
+                user_id,
+                username,
+                success: true,
+                now,
+            } => SecurityLogEvent::LoginSucceeded {
                 user_id: user_id.ok_or(SecurityLogError::MissingUser)?,
                 username,
                 at: now,
-            }
-        } else {
-            SecurityLogEvent::LoginFailed {
+            },
+            SecurityLogCommand::RecordLogin {
+                user_id,
+                username,
+                success: false,
+                now,
+            } => SecurityLogEvent::LoginFailed {
                 username,
                 user_id,
                 at: now,
-            }
+            },
+            SecurityLogCommand::RecordKeyRotation {
+                from_key_ids,
+                to_key_id,
+                rewrapped,
+                failed,
+                now,
+            } => SecurityLogEvent::MasterKeyRotated {
+                from_key_ids,
+                to_key_id,
+                rewrapped,
+                failed,
+                at: now,
+            },
         };
         sink.write(event, self).await;
         Ok(())
@@ -155,5 +193,32 @@ mod tests {
                 now: NOW,
             })
             .then_expect_error(SecurityLogError::MissingUser);
+    }
+
+    #[test]
+    fn a_key_rotation_is_recorded_with_key_ids_only() {
+        let cmd = SecurityLogCommand::RecordKeyRotation {
+            from_key_ids: vec!["00112233aabbccdd".into()],
+            to_key_id: "8899aabbccddeeff".into(),
+            rewrapped: 7,
+            failed: 0,
+            now: NOW,
+        };
+        let rotated = SecurityLogEvent::MasterKeyRotated {
+            from_key_ids: vec!["00112233aabbccdd".into()],
+            to_key_id: "8899aabbccddeeff".into(),
+            rewrapped: 7,
+            failed: 0,
+            at: NOW,
+        };
+        assert_eq!(rotated.event_type(), "MasterKeyRotated");
+        TestFramework::<SecurityLog>::with(())
+            .given_no_previous_events()
+            .when(cmd.clone())
+            .then_expect_events(vec![rotated.clone()]);
+        TestFramework::<SecurityLog>::with(())
+            .given(vec![rotated])
+            .when(cmd)
+            .then_expect_error(SecurityLogError::AlreadyRecorded);
     }
 }

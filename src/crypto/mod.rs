@@ -6,7 +6,7 @@ mod passwords;
 mod tokens;
 mod totp;
 
-pub use envelope::{MasterKey, Purpose, SealError};
+pub use envelope::{KeyId, MasterKey, Purpose, SealError};
 pub use passwords::{
     hash_password, init as init_passwords, verify_password, PasswordError, MAX_PASSWORD_LEN,
     MIN_PASSWORD_LEN,
