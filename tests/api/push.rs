@@ -312,11 +312,21 @@ async fn browser_ticket_opens_one_socket_once(backend: Backend) {
         "{}/api/ws?ticket={ticket}",
         app.address.replace("http://", "ws://")
     );
-    assert!(tokio_tungstenite::connect_async(url).await.is_err());
+    match tokio_tungstenite::connect_async(url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status(), StatusCode::UNAUTHORIZED)
+        }
+        other => panic!("a used ticket was not refused: {:?}", other.err()),
+    }
+    // A request that is not an upgrade is refused before its ticket is looked at.
     let (status, body) = app
         .get(&format!("/api/ws?ticket={ticket}"), &Auth::None)
         .await;
-    assert_error(&(status, body), StatusCode::UNAUTHORIZED, "unauthorized");
+    assert_error(
+        &(status, body),
+        StatusCode::BAD_REQUEST,
+        "websocket_required",
+    );
     let url = format!("{}/api/ws", app.address.replace("http://", "ws://"));
     assert!(tokio_tungstenite::connect_async(url).await.is_err());
     app.cleanup().await;
