@@ -11,13 +11,14 @@ use cqrs_es::{Aggregate, AggregateError};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use crate::chain::{Chain, KeyringSigner, NonceManager};
+use crate::chain::{Chain, KeyringSigner};
 use crate::config::Config;
 use crate::crypto::{JwtKeys, MasterKey};
 use crate::projector::Projector;
 use crate::push::Hub;
 use crate::services::TotpVerifier;
 use crate::store::{cqrs, Actor, Cqrs, Db, StoreError};
+use crate::wallet_lock::WalletLocks;
 use crate::writer::Writer;
 use crate::{http, workers};
 
@@ -41,7 +42,8 @@ pub struct Inner {
     pub master_key: Arc<MasterKey>,
     pub chain: Chain,
     pub keyring: Arc<KeyringSigner>,
-    pub nonces: NonceManager,
+    /// Serializes executions per wallet, across nodes on PostgreSQL.
+    pub wallet_locks: WalletLocks,
     pub default_expiry: Duration,
     pub poll_interval: Duration,
     /// Cap on an execution's max fee per gas (wei); `None`: no cap.
@@ -93,8 +95,8 @@ impl AppState {
             security_log: cqrs(&db, &writer, ()),
             hub,
             jwt: JwtKeys::new(&config.jwt_secret, config.jwt_ttl),
-            chain: Chain::new(config.chain_url),
-            nonces: NonceManager::default(),
+            chain: Chain::new(config.chain_url, config.chain_timeout),
+            wallet_locks: WalletLocks::new(&db),
             default_expiry: config.default_expiry,
             poll_interval: config.poll_interval,
             max_fee_per_gas_cap: config.max_fee_per_gas_cap,
@@ -197,6 +199,7 @@ impl Application {
         for w in workers {
             w.abort();
         }
+        self.state.wallet_locks.close().await;
         self.state.db.close().await;
         Ok(())
     }

@@ -1,8 +1,9 @@
 //! The chain: JSON-RPC through alloy (simulation, fees, token metadata, broadcast, receipts),
-//! transaction signing with server-held keys, and the per-wallet nonce manager. Private keys
+//! transaction signing with server-held keys, and nonce choice (executions are serialized per
+//! wallet by [`crate::wallet_lock`]). Private keys
 //! exist in memory only inside [`KeyringSigner::sign`], zeroized when it returns.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,14 +21,13 @@ use alloy::signers::SignerSync;
 use alloy::sol_types::SolValue;
 use alloy::transports::{RpcError, TransportErrorKind};
 use async_trait::async_trait;
-use tokio::sync::{Mutex, OnceCell};
+use tokio::sync::OnceCell;
 use zeroize::Zeroizing;
 
 use crate::crypto::{MasterKey, Purpose};
 use crate::metrics::{ChainMetrics, RpcMethod, RpcOutcome};
 use crate::store::Db;
 
-const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 /// Headroom over the node's gas estimate.
 const GAS_MARGIN_PERCENT: u64 = 20;
 /// `symbol()` and `decimals()`, the ERC20 metadata a summary needs.
@@ -83,12 +83,13 @@ pub enum CallOutcome {
 /// Run one simulation step: a node error answer means the call fails (`Ok(Err(..))`); no
 /// answer means the chain is unavailable.
 async fn simulation_step<T>(
+    timeout: Duration,
     metrics: &ChainMetrics,
     method: RpcMethod,
     fut: impl std::future::Future<Output = Result<T, RpcError<TransportErrorKind>>>,
 ) -> Result<Result<T, CallOutcome>, ChainError> {
     let started = std::time::Instant::now();
-    let result = tokio::time::timeout(RPC_TIMEOUT, fut).await;
+    let result = tokio::time::timeout(timeout, fut).await;
     let outcome = match &result {
         Ok(Ok(_)) => RpcOutcome::Ok,
         Ok(Err(e)) if e.as_error_resp().is_some() => RpcOutcome::Rejected,
@@ -126,15 +127,40 @@ pub struct Receipt {
 #[derive(Clone)]
 pub struct Chain {
     provider: RootProvider,
+    timeout: Duration,
     chain_id: Arc<OnceCell<u64>>,
     metrics: Arc<ChainMetrics>,
     recent_fees: Arc<std::sync::Mutex<Option<(std::time::Instant, (u128, u128))>>>,
 }
 
 /// How long a fee estimate serves approval prompts.
-const RECENT_FEES: std::time::Duration = std::time::Duration::from_secs(1);
+const RECENT_FEES: Duration = Duration::from_secs(1);
 
 impl Chain {
+    /// A client for the node at `url`; every call gives up after `timeout` (connecting,
+    /// sending and waiting for the answer together), as a node that accepts connections and
+    /// never answers must not hold requests.
+    pub fn new(url: url::Url, timeout: Duration) -> Self {
+        let is_local = alloy::transports::utils::guess_local_url(url.as_str());
+        let http = alloy::transports::http::reqwest::Client::builder()
+            .connect_timeout(timeout)
+            .timeout(timeout)
+            .build()
+            .map(|client| alloy::transports::http::Http::with_client(client, url.clone()))
+            .unwrap_or_else(|e| {
+                // Only a broken TLS backend fails here; the outer timeout still bounds calls.
+                tracing::warn!(error = %e, "HTTP client with timeouts unavailable; using default");
+                alloy::transports::http::Http::new(url)
+            });
+        Self {
+            provider: RootProvider::new(alloy::rpc::client::RpcClient::new(http, is_local)),
+            timeout,
+            chain_id: Arc::new(OnceCell::new()),
+            metrics: Arc::default(),
+            recent_fees: Arc::default(),
+        }
+    }
+
     /// Latency and errors of every call, per method (rendered by `/metrics`).
     pub fn metrics(&self) -> &ChainMetrics {
         &self.metrics
@@ -147,7 +173,7 @@ impl Chain {
         fut: impl std::future::Future<Output = Result<T, RpcError<TransportErrorKind>>>,
     ) -> Result<T, ChainError> {
         let started = std::time::Instant::now();
-        let result = match tokio::time::timeout(RPC_TIMEOUT, fut).await {
+        let result = match tokio::time::timeout(self.timeout, fut).await {
             Ok(r) => r.map_err(ChainError::from),
             Err(_) => Err(ChainError::Unavailable("timed out".into())),
         };
@@ -158,15 +184,6 @@ impl Chain {
         };
         self.metrics.observe(method, outcome, started.elapsed());
         result
-    }
-
-    pub fn new(url: url::Url) -> Self {
-        Self {
-            provider: RootProvider::new_http(url),
-            chain_id: Arc::new(OnceCell::new()),
-            metrics: Arc::default(),
-            recent_fees: Arc::default(),
-        }
     }
 
     /// The chain id, asked once and cached.
@@ -271,6 +288,7 @@ impl Chain {
         // and reason as `eth_call` would.
         Ok(
             match simulation_step(
+                self.timeout,
                 &self.metrics,
                 RpcMethod::EstimateGas,
                 self.provider.estimate_gas(request).into_future(),
@@ -411,7 +429,7 @@ impl TransactionSigner for KeyringSigner {
             .db
             .wallet_key(&wallet)
             .await
-            .map_err(|e| format!("key store unavailable: {e}"))?
+            .map_err(|e| e.service_message())?
             .ok_or_else(|| "no key for this wallet".to_owned())?;
         if owner != request.owner_user_id {
             return Err("wallet key belongs to another user".to_owned());
@@ -446,27 +464,6 @@ impl TransactionSigner for KeyringSigner {
             tx_hash: format!("{:#x}", envelope.tx_hash()),
             raw: aggregates::HexBytes::new(envelope.encoded_2718()),
         })
-    }
-}
-
-/// Serializes executions per wallet: the wallet's lock is held from nonce choice until the
-/// broadcast outcome is known (and recorded), so two executions never pick the same nonce.
-/// The nonce itself is not kept here but derived each time by [`next_nonce`] from the chain and
-/// the event-sourced record of signed transactions, so a restart or a failed broadcast leaves
-/// nothing stale behind.
-#[derive(Default)]
-pub struct NonceManager {
-    wallets: std::sync::Mutex<HashMap<Address, Arc<Mutex<()>>>>,
-}
-
-impl NonceManager {
-    pub fn lock_for(&self, wallet: &Address) -> Arc<Mutex<()>> {
-        self.wallets
-            .lock()
-            .expect("nonce map lock poisoned")
-            .entry(*wallet)
-            .or_default()
-            .clone()
     }
 }
 

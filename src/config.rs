@@ -34,6 +34,9 @@ pub enum ConfigError {
 pub struct Config {
     pub database_url: String,
     pub chain_url: url::Url,
+    /// Bound on every chain RPC (connect, send, answer): a node that accepts connections but
+    /// never answers costs a request at most this, then 503 `chain_unavailable`.
+    pub chain_timeout: Duration,
     pub addr: SocketAddr,
     pub jwt_secret: SecretString,
     pub jwt_ttl: Duration,
@@ -59,6 +62,7 @@ impl std::fmt::Debug for Config {
         f.debug_struct("Config")
             .field("database_url", &redact_url(&self.database_url))
             .field("chain_url", &self.chain_url.as_str())
+            .field("chain_timeout", &self.chain_timeout)
             .field("addr", &self.addr)
             .field("jwt_ttl", &self.jwt_ttl)
             .field("max_fee_per_gas_cap", &self.max_fee_per_gas_cap)
@@ -124,6 +128,13 @@ impl Config {
             name: "WEB3_PROVIDER_URI",
             why: e.to_string(),
         })?;
+        let chain_timeout_secs: u64 = parse_var("COUNTERSIGN_CHAIN_TIMEOUT_SECS", 10)?;
+        if chain_timeout_secs == 0 {
+            return Err(ConfigError::Invalid {
+                name: "COUNTERSIGN_CHAIN_TIMEOUT_SECS",
+                why: "must be a positive number of seconds".into(),
+            });
+        }
         let jwt_ttl: u64 = parse_var("JWT_ACCESS_TOKEN_EXPIRES", 900)?;
         if jwt_ttl == 0 {
             return Err(ConfigError::Invalid {
@@ -148,6 +159,7 @@ impl Config {
         Ok(Self {
             database_url: var("DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned()),
             chain_url,
+            chain_timeout: Duration::from_secs(chain_timeout_secs),
             addr: parse_var(
                 "COUNTERSIGN_ADDR",
                 DEFAULT_ADDR.parse().expect("valid default"),

@@ -80,10 +80,11 @@ pub async fn execute_authorized(
         return Err(not_executable(&view));
     }
     let payload = view.payload.clone();
-    let wallet_lock = state.nonces.lock_for(&payload.from);
-    let _wallet_guard = wallet_lock.lock().await;
+    // Held until the broadcast outcome is recorded, across every node (see `wallet_lock`).
+    let mut wallet_guard = state.wallet_locks.lock(&payload.from).await?;
 
-    // Another execution may have run while this one waited for the lock: re-read.
+    // Another execution, on this node or another, may have run while this one waited for the
+    // lock: re-read. (A command's events are in the views once it returns, on every node.)
     let view = current_view(state, transaction_id).await?;
     if view.tx_hash.is_some() {
         return Ok(view);
@@ -139,6 +140,8 @@ pub async fn execute_authorized(
         )
         .await?;
     let nonce = next_nonce(mined, in_flight.iter().filter_map(|v| v.nonce));
+    // Nothing is signed under a lock that died with its database connection.
+    wallet_guard.ensure_held().await?;
 
     if state.crash_after_sign_for_tests {
         // From here on this instance is "dead": nothing it does may broadcast.
@@ -199,5 +202,6 @@ pub async fn execute_authorized(
             tracing::warn!(error = %e, transaction_id, "broadcast deferred");
         }
     }
+    wallet_guard.release().await;
     current_view(state, transaction_id).await
 }

@@ -18,6 +18,7 @@ pub mod push;
 pub mod services;
 pub mod store;
 pub mod upcast;
+pub mod wallet_lock;
 pub mod workers;
 pub mod writer;
 

@@ -35,7 +35,7 @@ impl MfaVerifier for TotpVerifier {
             .db
             .mfa_secret(secret_id, user_id)
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(|e| e.service_message())?
             .ok_or_else(|| "MFA secret missing".to_owned())?;
         let secret = self
             .master_key

@@ -46,11 +46,75 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+impl StoreError {
+    /// The database could not be reached, is restarting or too busy: retry later (HTTP 503),
+    /// as opposed to a bug or bad data.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::Database(e) if is_unavailable(e))
+    }
+
+    /// The message for a domain service's `String` error, marked when the database was
+    /// unavailable so the HTTP layer still answers 503 (see [`is_unavailable_message`]).
+    pub fn service_message(&self) -> String {
+        if self.is_unavailable() {
+            format!("{UNAVAILABLE}: {self}")
+        } else {
+            self.to_string()
+        }
+    }
+}
+
+/// Prefix of a service error message caused by an unavailable database.
+const UNAVAILABLE: &str = "database unavailable";
+
+pub fn is_unavailable_message(message: &str) -> bool {
+    message.starts_with(UNAVAILABLE)
+}
+
+/// Whether a database error is a fault of the connection or the server's availability
+/// (connection lost or refused, pool exhausted, server shutting down or starting up, SQLite
+/// busy past its timeout) rather than of the statement.
+pub fn is_unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // PostgreSQL: class 08 connection exception, 57P01-57P03 shutdown / starting up,
+            // 53300 too many connections. SQLite: BUSY and LOCKED with their extended codes.
+            code.starts_with("08")
+                || matches!(
+                    code.as_ref(),
+                    "57P01" | "57P02" | "57P03" | "53300" | "5" | "6" | "261" | "262" | "517"
+                )
+        }),
+        _ => false,
+    }
+}
+
+/// Whether `e` or any error in its source chain is an unavailable database.
+pub fn caused_by_unavailable(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        if e.downcast_ref::<sqlx::Error>().is_some_and(is_unavailable) {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Postgres,
     Sqlite,
 }
+
+/// A pooled PostgreSQL connection idle longer than this is pinged before use.
+const IDLE_PING_AFTER: Duration = Duration::from_secs(1);
 
 /// A connection pool to the configured backend.
 #[derive(Clone, Debug)]
@@ -70,8 +134,18 @@ impl Db {
                 let pool = PgPoolOptions::new()
                     .max_connections(16)
                     .acquire_timeout(Duration::from_secs(10))
-                    // A dead connection fails its query and is replaced; no ping per checkout.
+                    // No ping per checkout under load; a connection that failed is dropped when
+                    // released. One idle for a while may have died unseen (a database restart
+                    // while nothing ran): ping it first, and replace it if that fails.
                     .test_before_acquire(false)
+                    .before_acquire(|conn, meta| {
+                        Box::pin(async move {
+                            if meta.idle_for > IDLE_PING_AFTER {
+                                sqlx::Connection::ping(conn).await?;
+                            }
+                            Ok(true)
+                        })
+                    })
                     .connect_with(options)
                     .await?;
                 Ok(Self::Postgres(pool))
@@ -189,17 +263,6 @@ impl Db {
                 .bind(secret_id)
                 .bind(user_id)
                 .bind(sealed)
-                .execute(pool)
-                .await?;
-        });
-        Ok(())
-    }
-
-    /// Remove a secret no event refers to (an enrolment that was refused).
-    pub async fn delete_mfa_secret(&self, secret_id: &str) -> Result<(), StoreError> {
-        with_pool!(self, |pool| {
-            sqlx::query("DELETE FROM mfa_secrets WHERE secret_id = $1")
-                .bind(secret_id)
                 .execute(pool)
                 .await?;
         });

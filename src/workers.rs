@@ -122,9 +122,13 @@ pub async fn track_receipts(state: &AppState) -> Result<(), crate::http::ApiErro
                 // An execution from this wallet is under way (it may be broadcasting this very
                 // transaction): leave the wallet alone this round. Holding the lock until a
                 // failure is recorded keeps it from racing a nonce choice.
-                let wallet_lock = state.nonces.lock_for(&view.wallet_address);
-                let Ok(_wallet_guard) = wallet_lock.try_lock() else {
-                    continue;
+                let wallet_guard = match state.wallet_locks.try_lock(&view.wallet_address).await {
+                    Ok(Some(guard)) => guard,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "wallet lock unavailable");
+                        return Ok(());
+                    }
                 };
                 match rebroadcast_if_unknown(state, &view.transaction_id, tx_hash).await {
                     Ok(()) => {}
@@ -145,6 +149,7 @@ pub async fn track_receipts(state: &AppState) -> Result<(), crate::http::ApiErro
                     }
                     Err(ChainError::Unavailable(_)) => return Ok(()),
                 }
+                wallet_guard.release().await;
                 continue;
             }
             Err(ChainError::Unavailable(_)) => return Ok(()),

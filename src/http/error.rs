@@ -12,7 +12,8 @@ use crate::abi::AbiError;
 use crate::chain::ChainError;
 use crate::crypto::PasswordError;
 use crate::projector::ProjectorError;
-use crate::store::StoreError;
+use crate::store::{caused_by_unavailable, is_unavailable_message, StoreError};
+use crate::wallet_lock::LockError;
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -71,6 +72,17 @@ impl ApiError {
         )
     }
 
+    /// The database is unreachable or restarting: the request may be retried. (A command
+    /// answered this way may or may not have been recorded; one answered 2xx was.)
+    pub fn unavailable(cause: impl std::fmt::Display) -> Self {
+        tracing::warn!(error = %cause, "database unavailable");
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the database is unreachable; retry later",
+        )
+    }
+
     /// Log the cause, answer generically.
     pub fn internal(cause: impl std::fmt::Display) -> Self {
         tracing::error!(error = %cause, "internal error");
@@ -98,13 +110,34 @@ impl IntoResponse for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        Self::internal(e)
+        if e.is_unavailable() {
+            Self::unavailable(e)
+        } else {
+            Self::internal(e)
+        }
     }
 }
 
 impl From<ProjectorError> for ApiError {
     fn from(e: ProjectorError) -> Self {
-        Self::internal(e)
+        if caused_by_unavailable(&e) {
+            Self::unavailable(e)
+        } else {
+            Self::internal(e)
+        }
+    }
+}
+
+impl From<LockError> for ApiError {
+    fn from(e: LockError) -> Self {
+        match e {
+            LockError::Busy => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "wallet_busy",
+                e.to_string(),
+            ),
+            LockError::Store(e) => e.into(),
+        }
     }
 }
 
@@ -134,6 +167,10 @@ impl<E: std::error::Error + Into<ApiError>> From<AggregateError<E>> for ApiError
                 "conflict",
                 "the resource was modified concurrently; retry the request",
             ),
+            AggregateError::DatabaseConnectionError(e) => Self::unavailable(e),
+            AggregateError::UnexpectedError(e) if caused_by_unavailable(&*e) => {
+                Self::unavailable(e)
+            }
             other => Self::internal(other),
         }
     }
@@ -154,6 +191,7 @@ impl From<TransactionError> for ApiError {
             TransactionError::AlreadyExecuted { .. } => Self::conflict("already_executed", msg),
             TransactionError::NotDue => Self::conflict("invalid_state", msg),
             TransactionError::FeeAboveCap { .. } => Self::conflict("fee_above_cap", msg),
+            TransactionError::Signing(m) if is_unavailable_message(&m) => Self::unavailable(msg),
             TransactionError::Signing(_) => Self::internal(msg),
         }
     }
@@ -176,6 +214,7 @@ impl From<UserError> for ApiError {
             UserError::NoPendingMfa => Self::conflict("no_pending_mfa", msg),
             UserError::InvalidMfaCode => Self::forbidden("invalid_mfa_code", msg),
             UserError::MfaCodeReplayed => Self::forbidden("mfa_code_replayed", msg),
+            UserError::Verifier(m) if is_unavailable_message(&m) => Self::unavailable(msg),
             UserError::Verifier(_) => Self::internal(msg),
             UserError::RoleAlreadyGranted(_) | UserError::RoleNotGranted(_) => {
                 Self::conflict("role_unchanged", msg)

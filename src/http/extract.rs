@@ -40,8 +40,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
 }
 
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    // Every body is an object (serde would also take a struct from a positional array).
-    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_json",
@@ -68,13 +67,11 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     Ok(value)
 }
 
-/// serde names the field in "missing field `x`" / "unknown field `x`" / "duplicate field `x`"
-/// messages.
+/// serde names the field in "missing field `x`" / "unknown field `x`" messages.
 fn field_in_message(message: &str) -> Option<String> {
     let rest = message
         .strip_prefix("missing field `")
-        .or_else(|| message.strip_prefix("unknown field `"))
-        .or_else(|| message.strip_prefix("duplicate field `"))?;
+        .or_else(|| message.strip_prefix("unknown field `"))?;
     rest.split('`').next().map(str::to_owned)
 }
 

@@ -254,6 +254,7 @@ pub fn test_config(database_url: &str, chain_url: &str, master_key_b64: &str, jw
     Config {
         database_url: database_url.to_owned(),
         chain_url: chain_url.parse().unwrap(),
+        chain_timeout: Duration::from_secs(10),
         addr: "127.0.0.1:0".parse().unwrap(),
         jwt_secret: SecretString::from(jwt.to_owned()),
         jwt_ttl: Duration::from_secs(900),

@@ -3,12 +3,15 @@
 
 mod audit;
 mod cli;
+mod concurrency;
 mod docs;
+mod faults;
 mod flow;
 mod helpers;
 mod kinds;
 mod metrics;
 mod negative;
+mod nodes;
 mod projections;
 mod push;
 mod security;

@@ -1,0 +1,293 @@
+//! More servers and real faults for the concurrency and fault specifications: a second node on
+//! the same store (in this process), the `countersign` binary as a child process that can be
+//! SIGKILLed, and a TCP proxy that cuts, refuses or silently swallows connections to a real
+//! PostgreSQL or anvil.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use countersign::{Application, Config};
+use reqwest::StatusCode;
+use serde_json::Value;
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::helpers::{Auth, TestApp};
+
+/// A server running in this process on `config`, next to (or instead of) the `TestApp`'s own.
+pub struct Node {
+    pub address: String,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Node {
+    pub async fn start(config: Config) -> Self {
+        let app = Application::build(config).await.expect("node builds");
+        let address = format!("http://127.0.0.1:{}", app.port());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let handle = tokio::spawn(async move {
+            app.run_until(async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("node runs");
+        });
+        Self {
+            address,
+            shutdown: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.await;
+        }
+    }
+}
+
+/// The `countersign serve` binary on the `TestApp`'s store, chain and secrets.
+pub struct ServerProcess {
+    child: Child,
+    pub address: String,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl ServerProcess {
+    pub async fn start(app: &TestApp) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let log = dir.path().join("server.log");
+        let config = app.config();
+        let child = Command::new(env!("CARGO_BIN_EXE_countersign"))
+            .arg("serve")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "warn")
+            .current_dir(dir.path())
+            .env("DATABASE_URL", &app.store.url)
+            .env("WEB3_PROVIDER_URI", &app.anvil.url)
+            .env("JWT_SECRET_KEY", app.jwt_secret())
+            .env(
+                "COUNTERSIGN_MASTER_KEY",
+                config.master_key.to_base64().as_str(),
+            )
+            .env("COUNTERSIGN_ADDR", format!("127.0.0.1:{port}"))
+            .env("COUNTERSIGN_POLL_INTERVAL_MS", "100")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn countersign");
+        let mut server = Self {
+            child,
+            address: format!("http://127.0.0.1:{port}"),
+            log,
+            _dir: dir,
+        };
+        let health = format!("{}/healthz", server.address);
+        let client = reqwest::Client::new();
+        for _ in 0..300 {
+            if let Ok(r) = client.get(&health).send().await {
+                if r.status() == 200 {
+                    return server;
+                }
+            }
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!("server exited with {status}:\n{}", server.log_text());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = server.child.kill();
+        panic!("server never became healthy:\n{}", server.log_text());
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What the proxy does with connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Pass bytes both ways.
+    None,
+    /// Accept and close at once: the peer sees its connection reset, as from a server that
+    /// is down or restarting.
+    Reset,
+    /// Accept and never answer: a peer that hangs.
+    Blackhole,
+}
+
+/// A TCP proxy in front of a real server. Changing the fault cuts every open connection.
+pub struct FaultProxy {
+    pub port: u16,
+    fault: watch::Sender<Fault>,
+    task: JoinHandle<()>,
+}
+
+impl FaultProxy {
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let port = listener.local_addr().unwrap().port();
+        let (fault, _) = watch::channel(Fault::None);
+        let task = tokio::spawn({
+            let fault = fault.subscribe();
+            async move {
+                loop {
+                    let Ok((client, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    tokio::spawn(serve(client, target, fault.clone()));
+                }
+            }
+        });
+        Self { port, fault, task }
+    }
+
+    /// The proxy's address for `url`: same scheme, path and credentials, proxy host and port.
+    pub fn url_for(&self, url: &str) -> String {
+        let mut url = url::Url::parse(url).expect("URL");
+        url.set_host(Some("127.0.0.1")).unwrap();
+        url.set_port(Some(self.port)).unwrap();
+        url.to_string()
+    }
+
+    pub fn set(&self, fault: Fault) {
+        self.fault.send_replace(fault);
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve(mut client: TcpStream, target: SocketAddr, mut fault: watch::Receiver<Fault>) {
+    let current = *fault.borrow_and_update();
+    match current {
+        Fault::Reset => {}
+        Fault::Blackhole => {
+            let mut sink = [0u8; 4096];
+            tokio::select! {
+                _ = fault.changed() => {}
+                _ = async { while matches!(client.read(&mut sink).await, Ok(n) if n > 0) {} } => {}
+            }
+        }
+        Fault::None => {
+            let Ok(mut upstream) = TcpStream::connect(target).await else {
+                return;
+            };
+            tokio::select! {
+                _ = fault.changed() => {}
+                _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+            }
+        }
+    }
+    // Dropping both sockets closes them: the cut.
+}
+
+/// The host and port of a URL, resolved.
+pub fn socket_addr(url: &str) -> SocketAddr {
+    let url = url::Url::parse(url).expect("URL");
+    let host = url.host_str().expect("host");
+    let port = url.port_or_known_default().unwrap_or(5432);
+    std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+        .expect("resolve")
+        .next()
+        .expect("an address")
+}
+
+/// A client whose requests give up after `timeout`, so a hanging server fails the test
+/// instead of hanging it.
+pub fn client_with_timeout(timeout: Duration) -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .build()
+        .expect("client")
+}
+
+fn with_auth(req: reqwest::RequestBuilder, auth: &Auth) -> reqwest::RequestBuilder {
+    match auth {
+        Auth::None => req,
+        Auth::Bearer(token) => req.bearer_auth(token),
+        Auth::ApiKey(key) => req.header("X-API-KEY", key),
+    }
+}
+
+/// Send one request to the server at `base`; `Err` if no HTTP answer came (connection
+/// refused or reset, timeout). Every answer must be JSON (or empty).
+pub async fn try_request(
+    client: &reqwest::Client,
+    method: reqwest::Method,
+    base: &str,
+    path: &str,
+    auth: &Auth,
+    body: Option<&Value>,
+) -> Result<(StatusCode, Value), String> {
+    let mut req = with_auth(client.request(method, format!("{base}{path}")), auth);
+    if let Some(body) = body {
+        req = req.json(body);
+    }
+    let resp = req.send().await.map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let text = resp.text().await.map_err(|e| e.to_string())?;
+    let body = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text)
+            .unwrap_or_else(|_| panic!("non-JSON response {status} from {path}: {text}"))
+    };
+    Ok((status, body))
+}
+
+/// POST to the server at `base` (which must answer).
+pub async fn post_at(base: &str, path: &str, auth: &Auth, body: Value) -> (StatusCode, Value) {
+    let client = client_with_timeout(Duration::from_secs(60));
+    try_request(
+        &client,
+        reqwest::Method::POST,
+        base,
+        path,
+        auth,
+        Some(&body),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("POST {path} to {base}: {e}"))
+}
+
+/// GET from the server at `base` (which must answer).
+pub async fn get_at(base: &str, path: &str, auth: &Auth) -> (StatusCode, Value) {
+    let client = client_with_timeout(Duration::from_secs(60));
+    try_request(&client, reqwest::Method::GET, base, path, auth, None)
+        .await
+        .unwrap_or_else(|e| panic!("GET {path} from {base}: {e}"))
+}
