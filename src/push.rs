@@ -94,14 +94,27 @@ impl PushRow {
 
     /// The wire message for a transaction event.
     pub fn message(&self) -> Option<String> {
-        if self.aggregate_type != "Transaction" {
-            return None;
-        }
         let data = self
             .payload
             .get(&self.event_type)
             .cloned()
             .unwrap_or(Value::Null);
+        if self.aggregate_type != "Transaction" {
+            // Users, wallets, keys, logins: only auditors' sockets route these (see
+            // `visible_to`: they have no transaction view, so no owner or key).
+            return Some(
+                json!({
+                    "type": "event",
+                    "position": self.position,
+                    "event_type": self.event_type,
+                    "aggregate_type": self.aggregate_type,
+                    "aggregate_id": self.aggregate_id,
+                    "recorded_at": self.recorded_at,
+                    "data": data,
+                })
+                .to_string(),
+            );
+        }
         Some(
             json!({
                 "type": "event",
@@ -339,7 +352,7 @@ impl Hub {
                     true
                 }
             });
-            return;
+            // Auditors still receive the event itself, below.
         }
         let Some(message) = row.message() else {
             return;

@@ -269,6 +269,17 @@ impl Db {
         Ok(())
     }
 
+    /// Remove a secret no event refers to (an enrolment that was refused).
+    pub async fn delete_mfa_secret(&self, secret_id: &str) -> Result<(), StoreError> {
+        with_pool!(self, |pool| {
+            sqlx::query("DELETE FROM mfa_secrets WHERE secret_id = $1")
+                .bind(secret_id)
+                .execute(pool)
+                .await?;
+        });
+        Ok(())
+    }
+
     /// The sealed secret, only if it belongs to `user_id`.
     pub async fn mfa_secret(
         &self,

@@ -126,6 +126,18 @@ impl CallData<'_> {
     }
 }
 
+/// The zero address has no key and no code: whatever is sent there, or "transferred" by a
+/// token "contract" there, is lost. No kind has a use for it as recipient, token or contract.
+pub(super) fn not_zero(address: Address, field: &str) -> ApiResult<Address> {
+    if address.as_bytes() == &[0u8; 20] {
+        return Err(ApiError::invalid(
+            field,
+            format!("{field} must not be the zero address: anything sent there is lost"),
+        ));
+    }
+    Ok(address)
+}
+
 /// Check which fields each kind takes, and derive the exact call to sign.
 fn shape(body: &PrepareRequest) -> ApiResult<Call> {
     match body.kind {
@@ -138,14 +150,17 @@ fn shape(body: &PrepareRequest) -> ApiResult<Call> {
             absent(&body.contract_abi, "contract_abi", k)?;
             absent(&body.function_name, "function_name", k)?;
             absent(&body.function_args, "function_args", k)?;
-            let to = required(body.to, "to", k)?;
+            let to = not_zero(required(body.to, "to", k)?, "to")?;
             if matches!(body.kind, KindInput::Native) {
                 absent(&body.token_address, "token_address", k)?;
                 absent(&body.amount, "amount", k)?;
                 Ok(Call::native(to, required(body.value.clone(), "value", k)?))
             } else {
                 absent(&body.value, "value", k)?;
-                let token = required(body.token_address, "token_address", k)?;
+                let token = not_zero(
+                    required(body.token_address, "token_address", k)?,
+                    "token_address",
+                )?;
                 let amount = required(body.amount.clone(), "amount", k)?;
                 Ok(Call::erc20_transfer(token, to, amount))
             }
@@ -154,7 +169,7 @@ fn shape(body: &PrepareRequest) -> ApiResult<Call> {
             let k = "contract_call";
             absent(&body.token_address, "token_address", k)?;
             absent(&body.amount, "amount", k)?;
-            let to = required(body.to, "to", k)?;
+            let to = not_zero(required(body.to, "to", k)?, "to")?;
             let (data, abi) = CallData {
                 data: body.data.as_ref(),
                 contract_abi: body.contract_abi.as_ref(),

@@ -15,7 +15,7 @@ use time::OffsetDateTime;
 
 use super::error::{ApiError, ApiResult};
 use super::extract::{ApiJson, AuthUser, Bounded, Caller, MfaCode, Password, RequestId};
-use super::transactions::{record_authorization, record_prepared, CallData, Prompt};
+use super::transactions::{not_zero, record_authorization, record_prepared, CallData, Prompt};
 use super::users::{require_password, use_mfa_code};
 use super::wallets::visible_wallet;
 use crate::app::AppState;
@@ -85,7 +85,7 @@ pub async fn transfer(
     RequestId(request_id): RequestId,
     ApiJson(body): ApiJson<TransferRequest>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    let call = Call::native(body.to_address, body.amount);
+    let call = Call::native(not_zero(body.to_address, "to_address")?, body.amount);
     let request = Request {
         user,
         request_id,
@@ -104,7 +104,11 @@ pub async fn transfer_erc20(
     RequestId(request_id): RequestId,
     ApiJson(body): ApiJson<TransferErc20Request>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    let call = Call::erc20_transfer(body.token_address, body.to_address, body.amount);
+    let call = Call::erc20_transfer(
+        not_zero(body.token_address, "token_address")?,
+        not_zero(body.to_address, "to_address")?,
+        body.amount,
+    );
     let request = Request {
         user,
         request_id,
@@ -131,7 +135,12 @@ pub async fn contract_call(
     }
     .encode()?;
     let value = body.value.unwrap_or_else(Amount::zero);
-    let call = Call::contract(body.contract_address, value, data, abi);
+    let call = Call::contract(
+        not_zero(body.contract_address, "contract_address")?,
+        value,
+        data,
+        abi,
+    );
     let request = Request {
         user,
         request_id,

@@ -80,7 +80,10 @@ pub async fn login(
     RequestId(request_id): RequestId,
     ApiJson(body): ApiJson<LoginRequest>,
 ) -> ApiResult<Json<Value>> {
-    let found = if body.username.len() <= 64 {
+    // No registered name is longer or holds a control character (a NUL cannot even be sent
+    // to PostgreSQL): such a name is unknown without asking the store.
+    let plausible = body.username.len() <= 64 && !body.username.chars().any(char::is_control);
+    let found = if plausible {
         state.db.user_credentials_by_name(&body.username).await?
     } else {
         None
@@ -126,7 +129,13 @@ async fn record_login(
     };
     let command = SecurityLogCommand::RecordLogin {
         user_id,
-        username: username.chars().take(64).collect(),
+        // Bounded and printable: what an attacker typed is history, not terminal escapes (and a
+        // NUL is not storable as PostgreSQL JSON).
+        username: username
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(64)
+            .collect(),
         success,
         now: OffsetDateTime::now_utc(),
     };
@@ -187,11 +196,11 @@ pub async fn setup_mfa(
         .insert_mfa_secret(&secret_id, &user.user_id, &sealed)
         .await?;
     let command = UserCommand::StartMfaSetup {
-        secret_id,
+        secret_id: secret_id.clone(),
         code: body.mfa_code.map(|c| c.0),
         now: OffsetDateTime::now_utc(),
     };
-    state
+    let result = state
         .execute(
             &state.users,
             &user.user_id,
@@ -200,7 +209,15 @@ pub async fn setup_mfa(
             &request_id,
         )
         .await
-        .map_err(mfa_field)?;
+        .map_err(mfa_field);
+    if let Err(e) = result {
+        // Refused (no or a wrong code, a lockout): nothing refers to the new secret, so it
+        // does not stay behind. After a 5xx it may have been recorded: keep it then.
+        if e.status.is_client_error() {
+            state.db.delete_mfa_secret(&secret_id).await?;
+        }
+        return Err(e);
+    }
     let enrollment = secret
         .enrollment(&profile.username)
         .map_err(ApiError::internal)?;

@@ -136,12 +136,13 @@ impl FromRequestParts<AppState> for WsRequest {
         if query.after.is_some_and(|a| a < 0) {
             return Err(ApiError::invalid("after", "after must be a position ≥ 0"));
         }
-        let auth = authenticate(state, parts, query.ticket.as_deref()).await?;
+        // Before authenticating: a request that cannot be upgraded must not consume a ticket.
         let upgrade = WebSocketUpgrade::from_request_parts(parts, state)
             .await
             .map_err(|e| {
                 ApiError::new(StatusCode::BAD_REQUEST, "websocket_required", e.body_text())
             })?;
+        let auth = authenticate(state, parts, query.ticket.as_deref()).await?;
         Ok(Self {
             auth,
             after: query.after,

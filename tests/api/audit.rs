@@ -23,7 +23,7 @@ on_both_backends!(
     paging_through_events_while_writers_run_never_skips_or_repeats,
     rebuilt_views_equal_the_live_ones,
     an_old_version_event_is_upcast_on_load,
-    an_auditor_socket_receives_every_transaction_event,
+    an_auditor_socket_receives_every_event,
 );
 
 /// Run SQL on either backend.
@@ -948,10 +948,10 @@ async fn next_ws_json(
     }
 }
 
-async fn an_auditor_socket_receives_every_transaction_event(backend: Backend) {
+async fn an_auditor_socket_receives_every_event(backend: Backend) {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let app = TestApp::spawn(backend).await;
-    let (_alice, wallet, agent) = app.user_with_wallet("alice", 0).await;
+    let (alice, wallet, agent) = app.user_with_wallet("alice", 0).await;
     let earlier = app
         .prepare(&agent, native_body(&wallet, &random_address(), 1))
         .await;
@@ -963,17 +963,60 @@ async fn an_auditor_socket_receives_every_transaction_event(backend: Backend) {
         format!("Bearer {}", carol.token).parse().unwrap(),
     );
     let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
-    // Replay: someone else's transaction.
-    let first = next_ws_json(&mut socket).await;
-    assert_eq!(first["type"], "event", "{first}");
-    assert_eq!(first["transaction_id"], earlier.as_str());
-    assert_eq!(next_ws_json(&mut socket).await["type"], "caught_up");
-    // Live: the next one too.
+    // Replay: everything, not only transactions — someone else's registration, wallet, key,
+    // login and transaction.
+    let mut replayed = Vec::new();
+    loop {
+        let message = next_ws_json(&mut socket).await;
+        if message["type"] == "caught_up" {
+            break;
+        }
+        assert_eq!(message["type"], "event", "{message}");
+        replayed.push(message);
+    }
+    for (aggregate_type, aggregate_id) in [
+        ("User", alice.user_id.as_str()),
+        ("Wallet", wallet.as_str()),
+        ("ApiKey", agent.id.as_str()),
+    ] {
+        assert!(
+            replayed
+                .iter()
+                .any(|m| m["aggregate_type"] == aggregate_type && m["aggregate_id"] == aggregate_id),
+            "no {aggregate_type} event of {aggregate_id} in {replayed:?}"
+        );
+    }
+    assert!(replayed.iter().any(|m| m["event_type"] == "LoginSucceeded"));
+    assert!(replayed
+        .iter()
+        .any(|m| m["transaction_id"] == earlier.as_str()));
+    let positions: Vec<i64> = replayed
+        .iter()
+        .map(|m| m["position"].as_i64().unwrap())
+        .collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "in commit order");
+    // Live: a security event (a failed login) and the next transaction.
+    let (status, _) = app
+        .post(
+            "/api/login",
+            &Auth::None,
+            json!({"username": "alice", "password": "not the password at all"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
     let later = app
         .prepare(&agent, native_body(&wallet, &random_address(), 2))
         .await;
-    let live = next_ws_json(&mut socket).await;
-    assert_eq!(live["transaction_id"], later.as_str(), "{live}");
-    assert_eq!(live["event_type"], "TransactionPrepared");
+    let mut live = Vec::new();
+    while !live
+        .iter()
+        .any(|m: &Value| m["transaction_id"] == later.as_str())
+    {
+        live.push(next_ws_json(&mut socket).await);
+    }
+    assert!(
+        live.iter().any(|m| m["event_type"] == "LoginFailed"),
+        "{live:?}"
+    );
     app.cleanup().await;
 }
