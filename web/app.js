@@ -274,12 +274,14 @@ function actorLabel(event) {
 /* ------------------------------------------------------------------ API */
 
 class ApiError extends Error {
-  constructor(status, code, message, field) {
+  constructor(status, code, message, field, retryAfter) {
     super(message);
     this.name = 'ApiError';
     this.status = status;
     this.code = code;
     this.field = field;
+    // Seconds to wait (429 answers carry Retry-After).
+    this.retryAfter = retryAfter;
   }
 }
 
@@ -288,8 +290,20 @@ class StaleError extends Error {}
 
 const invalid = (field, message) => new ApiError(0, 'invalid_field', message, field);
 
+// "3 minutes", "40 seconds": how long a 429 asks to wait.
+function waitText(seconds) {
+  if (!(seconds > 0)) return 'a while';
+  if (seconds < 90) return `${seconds} second${seconds === 1 ? '' : 's'}`;
+  return `${Math.ceil(seconds / 60)} minutes`;
+}
+
 function describeError(err) {
   if (!(err instanceof ApiError)) return 'Something went wrong. Try again.';
+  if (err.code === 'mfa_locked') {
+    return `Too many wrong codes. Actions that need a code are locked for ${waitText(err.retryAfter)}; `
+      + 'even a correct code is refused until then. Rejecting still works.';
+  }
+  if (err.code === 'rate_limited') return `Too many attempts. Try again in ${waitText(err.retryAfter)}.`;
   return FRIENDLY_ERRORS[err.code] || err.message || 'Something went wrong. Try again.';
 }
 
@@ -342,11 +356,15 @@ async function api(method, path, body, { auth = true } = {}) {
     throw new StaleError('session expired');
   }
   const error = (payload && payload.error) || {};
+  const retryAfter = Number.parseInt(response.headers.get('Retry-After') || '', 10);
+  // A lockout shows in the security section too.
+  if (error.code === 'mfa_locked' && auth) refreshMe();
   throw new ApiError(
     response.status,
     error.code || `http_${response.status}`,
     error.message || `The server answered with status ${response.status}.`,
     error.field,
+    Number.isNaN(retryAfter) ? undefined : retryAfter,
   );
 }
 
@@ -537,6 +555,11 @@ function renderMe() {
   $('#mfa-state').textContent = enabled
     ? 'On. A code from your authenticator app countersigns each transaction and each new agent key.'
     : 'Off. You need it before you can authorize transactions or issue agent keys.';
+  const lockedUntil = me.mfa_locked_until ? new Date(me.mfa_locked_until) : null;
+  if (lockedUntil && !Number.isNaN(lockedUntil.getTime())) {
+    $('#mfa-state').textContent += ` Locked after too many wrong codes until ${lockedUntil.toLocaleTimeString()}:`
+      + ' nothing that needs a code can be done until then.';
+  }
   renderMfaForms();
 }
 

@@ -20,5 +20,8 @@ pub use transaction::{
     TransactionSigner, TransactionStatus, TxPayload,
 };
 pub use types::{Address, Amount, HexBytes, ParseError};
-pub use user::{MfaVerifier, Role, User, UserCommand, UserError, UserEvent, UserServices};
+pub use user::{
+    mfa_verdict, MfaVerifier, Role, User, UserCommand, UserError, UserEvent, UserServices,
+    MFA_LOCKOUT, MFA_MAX_FAILURES,
+};
 pub use wallet::{Wallet, WalletCommand, WalletError, WalletEvent};

@@ -4,6 +4,12 @@
 //! requests (the loser of the race hits an optimistic-concurrency conflict and re-checks).
 //! TOTP secrets never appear here: events name a `secret_id`, and [`MfaVerifier`] resolves it.
 //! Roles (e.g. `auditor`) are granted and revoked by an operator, as events on the user.
+//!
+//! Wrong codes are counted: every command that checks a code records a wrong one as
+//! `MfaCodeRejected` (the command *succeeds*, since cqrs-es stores nothing when `handle`
+//! fails), and the [`MFA_MAX_FAILURES`]th in a row adds `MfaLockedOut`, after which every
+//! code-checking command is refused until the lock ends, even with a correct code. Callers
+//! read the outcome with [`mfa_verdict`]. Time comes from the command, never from a clock.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -14,6 +20,11 @@ use cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+/// Wrong codes in a row (without an accepted one between them) that lock MFA.
+pub const MFA_MAX_FAILURES: u32 = 5;
+/// How long MFA-protected actions stay locked after [`MFA_MAX_FAILURES`] wrong codes.
+pub const MFA_LOCKOUT: time::Duration = time::Duration::minutes(15);
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum UserCommand {
     Register {
@@ -22,14 +33,17 @@ pub enum UserCommand {
         now: OffsetDateTime,
     },
     /// Create a pending secret. Replacing an active MFA requires a current valid code.
+    /// Like every code-checking command, a wrong code is recorded, not returned as an error:
+    /// read the outcome with [`mfa_verdict`].
     StartMfaSetup {
         secret_id: String,
         code: Option<String>,
         now: OffsetDateTime,
     },
-    /// Activate the pending secret with a code it generated.
+    /// Activate the pending secret with a code it generated (a wrong one counts too).
     ConfirmMfa { code: String, now: OffsetDateTime },
-    /// Spend a code to authorize an MFA-protected action (`purpose` says which).
+    /// Spend a code to authorize an MFA-protected action (`purpose` says which). A wrong
+    /// code is recorded, not an error: read the outcome with [`mfa_verdict`].
     UseMfaCode {
         code: String,
         purpose: String,
@@ -87,6 +101,22 @@ pub enum UserEvent {
         #[serde(with = "time::serde::rfc3339")]
         accepted_at: OffsetDateTime,
     },
+    /// A wrong code (never the code itself). `failures`: wrong codes in a row, this one
+    /// included.
+    MfaCodeRejected {
+        purpose: String,
+        failures: u32,
+        #[serde(with = "time::serde::rfc3339")]
+        rejected_at: OffsetDateTime,
+    },
+    /// Too many wrong codes: code-checking commands are refused until `until`.
+    MfaLockedOut {
+        failures: u32,
+        #[serde(with = "time::serde::rfc3339")]
+        locked_at: OffsetDateTime,
+        #[serde(with = "time::serde::rfc3339")]
+        until: OffsetDateTime,
+    },
     RoleGranted {
         role: Role,
         #[serde(with = "time::serde::rfc3339")]
@@ -106,6 +136,8 @@ impl DomainEvent for UserEvent {
             Self::MfaSetupStarted { .. } => "MfaSetupStarted",
             Self::MfaEnabled { .. } => "MfaEnabled",
             Self::MfaCodeAccepted { .. } => "MfaCodeAccepted",
+            Self::MfaCodeRejected { .. } => "MfaCodeRejected",
+            Self::MfaLockedOut { .. } => "MfaLockedOut",
             Self::RoleGranted { .. } => "RoleGranted",
             Self::RoleRevoked { .. } => "RoleRevoked",
         }
@@ -133,8 +165,10 @@ pub enum UserError {
     MfaCodeRequired,
     #[error("no MFA setup is pending: call setup_mfa first")]
     NoPendingMfa,
-    #[error("invalid MFA code")]
-    InvalidMfaCode,
+    #[error("invalid MFA code ({attempts_left} more wrong codes lock MFA-protected actions for 15 minutes)")]
+    InvalidMfaCode { attempts_left: u32 },
+    #[error("too many wrong MFA codes: MFA-protected actions are locked until {until}")]
+    MfaLocked { until: OffsetDateTime },
     #[error("this MFA code was already used: wait for the next one")]
     MfaCodeReplayed,
     #[error("MFA verification unavailable: {0}")]
@@ -168,6 +202,37 @@ pub struct User {
     last_used_step: Option<u64>,
     #[serde(default)]
     roles: BTreeSet<Role>,
+    /// Wrong codes since the last accepted one (or the last lockout).
+    #[serde(default)]
+    mfa_failures: u32,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    mfa_locked_until: Option<OffsetDateTime>,
+}
+
+/// The outcome of a code-checking command, from the events it recorded: `MfaLocked` if this
+/// command's wrong code locked MFA, `InvalidMfaCode` if its code was wrong, else accepted.
+/// (Refusals *during* a lockout are plain errors of the command and record nothing.)
+pub fn mfa_verdict(events: &[UserEvent]) -> Result<(), UserError> {
+    for event in events.iter().rev() {
+        match event {
+            UserEvent::MfaLockedOut { until, .. } => {
+                return Err(UserError::MfaLocked { until: *until })
+            }
+            UserEvent::MfaCodeRejected { failures, .. } => {
+                return Err(UserError::InvalidMfaCode {
+                    attempts_left: MFA_MAX_FAILURES.saturating_sub(*failures),
+                })
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// What checking a code found: a usable step, or a wrong code (to be recorded).
+enum CodeCheck {
+    Accepted(u64),
+    Wrong,
 }
 
 impl User {
@@ -179,27 +244,57 @@ impl User {
         self.roles.contains(&role)
     }
 
-    /// Verify `code` against `secret_id` and return the earliest matching step not yet used.
-    async fn spend_code(
+    /// When MFA-protected actions are locked until, if they are at `now`.
+    pub fn mfa_locked_until(&self, now: OffsetDateTime) -> Option<OffsetDateTime> {
+        self.mfa_locked_until.filter(|until| now < *until)
+    }
+
+    /// Refuse during a lockout, then verify `code` against `secret_id`: the earliest matching
+    /// step not yet used, or `Wrong`. A replayed code is an error, not a wrong code: it was
+    /// valid once, so it says nothing about guessing.
+    async fn check_code(
         &self,
         verifier: &UserServices,
         secret_id: &str,
         code: &str,
         now: OffsetDateTime,
-    ) -> Result<u64, UserError> {
+    ) -> Result<CodeCheck, UserError> {
+        if let Some(until) = self.mfa_locked_until(now) {
+            return Err(UserError::MfaLocked { until });
+        }
         let user_id = self.user_id.as_deref().ok_or(UserError::NotFound)?;
         let steps = verifier
             .matching_steps(user_id, secret_id, code, now)
             .await
             .map_err(UserError::Verifier)?;
         if steps.is_empty() {
-            return Err(UserError::InvalidMfaCode);
+            return Ok(CodeCheck::Wrong);
         }
         steps
             .into_iter()
             .filter(|s| self.last_used_step.is_none_or(|last| *s > last))
             .min()
+            .map(CodeCheck::Accepted)
             .ok_or(UserError::MfaCodeReplayed)
+    }
+
+    /// Record a wrong code, and the lockout if it is one too many.
+    async fn reject_code(&mut self, purpose: String, now: OffsetDateTime, sink: &EventSink<Self>) {
+        let failures = self.mfa_failures + 1;
+        let rejected = UserEvent::MfaCodeRejected {
+            purpose,
+            failures,
+            rejected_at: now,
+        };
+        sink.write(rejected, self).await;
+        if failures >= MFA_MAX_FAILURES {
+            let locked = UserEvent::MfaLockedOut {
+                failures,
+                locked_at: now,
+                until: now + MFA_LOCKOUT,
+            };
+            sink.write(locked, self).await;
+        }
     }
 }
 
@@ -243,10 +338,17 @@ impl Aggregate for User {
             } => {
                 if let Some(active) = self.active_secret_id.clone() {
                     let code = code.ok_or(UserError::MfaCodeRequired)?;
-                    let step = self.spend_code(verifier, &active, &code, now).await?;
+                    let purpose = "replace_mfa".to_owned();
+                    let step = match self.check_code(verifier, &active, &code, now).await? {
+                        CodeCheck::Accepted(step) => step,
+                        CodeCheck::Wrong => {
+                            self.reject_code(purpose, now, sink).await;
+                            return Ok(());
+                        }
+                    };
                     let accepted = UserEvent::MfaCodeAccepted {
                         step,
-                        purpose: "replace_mfa".to_owned(),
+                        purpose,
                         accepted_at: now,
                     };
                     sink.write(accepted, self).await;
@@ -262,7 +364,13 @@ impl Aggregate for User {
                     .pending_secret_id
                     .clone()
                     .ok_or(UserError::NoPendingMfa)?;
-                let step = self.spend_code(verifier, &pending, &code, now).await?;
+                let step = match self.check_code(verifier, &pending, &code, now).await? {
+                    CodeCheck::Accepted(step) => step,
+                    CodeCheck::Wrong => {
+                        self.reject_code("confirm_mfa".to_owned(), now, sink).await;
+                        return Ok(());
+                    }
+                };
                 let event = UserEvent::MfaEnabled {
                     secret_id: pending,
                     step,
@@ -276,7 +384,13 @@ impl Aggregate for User {
                     .active_secret_id
                     .clone()
                     .ok_or(UserError::MfaNotEnabled)?;
-                let step = self.spend_code(verifier, &active, &code, now).await?;
+                let step = match self.check_code(verifier, &active, &code, now).await? {
+                    CodeCheck::Accepted(step) => step,
+                    CodeCheck::Wrong => {
+                        self.reject_code(purpose, now, sink).await;
+                        return Ok(());
+                    }
+                };
                 let event = UserEvent::MfaCodeAccepted {
                     step,
                     purpose,
@@ -320,8 +434,18 @@ impl Aggregate for User {
                 self.active_secret_id = Some(secret_id);
                 self.pending_secret_id = None;
                 self.last_used_step = Some(step);
+                self.mfa_failures = 0;
             }
-            UserEvent::MfaCodeAccepted { step, .. } => self.last_used_step = Some(step),
+            UserEvent::MfaCodeAccepted { step, .. } => {
+                self.last_used_step = Some(step);
+                self.mfa_failures = 0;
+            }
+            UserEvent::MfaCodeRejected { failures, .. } => self.mfa_failures = failures,
+            UserEvent::MfaLockedOut { until, .. } => {
+                self.mfa_locked_until = Some(until);
+                // After the lock the user gets a fresh set of attempts.
+                self.mfa_failures = 0;
+            }
             UserEvent::RoleGranted { role, .. } => {
                 self.roles.insert(role);
             }
@@ -447,12 +571,191 @@ mod tests {
             .then_expect_error(UserError::NoPendingMfa);
     }
 
+    fn rejected(failures: u32) -> UserEvent {
+        UserEvent::MfaCodeRejected {
+            purpose: "authorize_transaction".into(),
+            failures,
+            rejected_at: NOW,
+        }
+    }
+
+    fn locked_out() -> UserEvent {
+        UserEvent::MfaLockedOut {
+            failures: MFA_MAX_FAILURES,
+            locked_at: NOW,
+            until: NOW + MFA_LOCKOUT,
+        }
+    }
+
+    fn accepted(step: u64) -> UserEvent {
+        UserEvent::MfaCodeAccepted {
+            step,
+            purpose: "authorize_transaction".into(),
+            accepted_at: NOW,
+        }
+    }
+
+    /// An enrolled user followed by `failures` wrong codes in a row.
+    fn enrolled_with_failures(failures: u32) -> Vec<UserEvent> {
+        let mut events = vec![registered(), started("A"), enabled("A", 99)];
+        events.extend((1..=failures).map(rejected));
+        events
+    }
+
+    fn use_code_at(code: &str, now: OffsetDateTime) -> UserCommand {
+        UserCommand::UseMfaCode {
+            code: code.into(),
+            purpose: "authorize_transaction".into(),
+            now,
+        }
+    }
+
     #[test]
-    fn wrong_code_is_rejected() {
+    fn wrong_code_is_recorded_and_refused() {
         framework()
-            .given(vec![registered(), started("A"), enabled("A", 99)])
+            .given(enrolled_with_failures(0))
             .when(use_code("s100-B"))
-            .then_expect_error(UserError::InvalidMfaCode);
+            .then_expect_events(vec![rejected(1)]);
+        assert_eq!(
+            mfa_verdict(&[rejected(1)]),
+            Err(UserError::InvalidMfaCode { attempts_left: 4 })
+        );
+        assert_eq!(mfa_verdict(&[accepted(100)]), Ok(()));
+    }
+
+    #[test]
+    fn the_fifth_wrong_code_in_a_row_locks_mfa_for_15_minutes() {
+        framework()
+            .given(enrolled_with_failures(3))
+            .when(use_code("s100-B"))
+            .then_expect_events(vec![rejected(4)]);
+        framework()
+            .given(enrolled_with_failures(4))
+            .when(use_code("s100-B"))
+            .then_expect_events(vec![rejected(5), locked_out()]);
+        assert_eq!(
+            mfa_verdict(&[rejected(5), locked_out()]),
+            Err(UserError::MfaLocked {
+                until: NOW + MFA_LOCKOUT
+            })
+        );
+    }
+
+    #[test]
+    fn an_accepted_code_resets_the_count() {
+        let mut given = enrolled_with_failures(4);
+        given.push(accepted(100));
+        framework()
+            .given(given)
+            .when(use_code("s101-A"))
+            .then_expect_events(vec![accepted(101)]);
+        let mut given = enrolled_with_failures(4);
+        given.push(accepted(100));
+        framework()
+            .given(given)
+            .when(use_code("s100-B"))
+            .then_expect_events(vec![rejected(1)]);
+    }
+
+    #[test]
+    fn during_a_lockout_even_a_correct_code_is_refused_and_nothing_is_recorded() {
+        let mut given = enrolled_with_failures(5);
+        given.push(locked_out());
+        let last_second = NOW + MFA_LOCKOUT - time::Duration::seconds(1);
+        framework()
+            .given(given.clone())
+            .when(use_code_at("s100-A", last_second))
+            .then_expect_error(UserError::MfaLocked {
+                until: NOW + MFA_LOCKOUT,
+            });
+        framework()
+            .given(given.clone())
+            .when(use_code_at("s100-B", NOW))
+            .then_expect_error(UserError::MfaLocked {
+                until: NOW + MFA_LOCKOUT,
+            });
+        // Every code-checking command: replacing MFA and confirming a new secret too.
+        framework()
+            .given(given.clone())
+            .when(UserCommand::StartMfaSetup {
+                secret_id: "B".into(),
+                code: Some("s100-A".into()),
+                now: NOW,
+            })
+            .then_expect_error(UserError::MfaLocked {
+                until: NOW + MFA_LOCKOUT,
+            });
+        given.push(started("B"));
+        framework()
+            .given(given)
+            .when(UserCommand::ConfirmMfa {
+                code: "s100-B".into(),
+                now: NOW,
+            })
+            .then_expect_error(UserError::MfaLocked {
+                until: NOW + MFA_LOCKOUT,
+            });
+    }
+
+    #[test]
+    fn the_lock_ends_after_15_minutes_by_the_commands_time_with_fresh_attempts() {
+        let mut given = enrolled_with_failures(5);
+        given.push(locked_out());
+        let unlocked = NOW + MFA_LOCKOUT;
+        framework()
+            .given(given.clone())
+            .when(use_code_at("s100-A", unlocked))
+            .then_expect_events(vec![UserEvent::MfaCodeAccepted {
+                step: 100,
+                purpose: "authorize_transaction".into(),
+                accepted_at: unlocked,
+            }]);
+        framework()
+            .given(given)
+            .when(use_code_at("s100-B", unlocked))
+            .then_expect_events(vec![UserEvent::MfaCodeRejected {
+                purpose: "authorize_transaction".into(),
+                failures: 1,
+                rejected_at: unlocked,
+            }]);
+    }
+
+    #[test]
+    fn wrong_codes_count_across_purposes_and_a_replay_does_not_count() {
+        let mut given = enrolled_with_failures(4);
+        given.push(accepted(100));
+        given.extend((1..=4).map(rejected));
+        // A replayed step was a valid code once: refused, but not a guess.
+        framework()
+            .given(given.clone())
+            .when(use_code("s100-A"))
+            .then_expect_error(UserError::MfaCodeReplayed);
+        framework()
+            .given(given)
+            .when(UserCommand::StartMfaSetup {
+                secret_id: "B".into(),
+                code: Some("s101-B".into()),
+                now: NOW,
+            })
+            .then_expect_events(vec![
+                UserEvent::MfaCodeRejected {
+                    purpose: "replace_mfa".into(),
+                    failures: 5,
+                    rejected_at: NOW,
+                },
+                locked_out(),
+            ]);
+        framework()
+            .given(vec![registered(), started("A")])
+            .when(UserCommand::ConfirmMfa {
+                code: "s100-B".into(),
+                now: NOW,
+            })
+            .then_expect_events(vec![UserEvent::MfaCodeRejected {
+                purpose: "confirm_mfa".into(),
+                failures: 1,
+                rejected_at: NOW,
+            }]);
     }
 
     #[test]
@@ -514,7 +817,11 @@ mod tests {
                 code: Some("s100-B".into()),
                 now: NOW,
             })
-            .then_expect_error(UserError::InvalidMfaCode);
+            .then_expect_events(vec![UserEvent::MfaCodeRejected {
+                purpose: "replace_mfa".into(),
+                failures: 1,
+                rejected_at: NOW,
+            }]);
         framework()
             .given(base)
             .when(UserCommand::StartMfaSetup {

@@ -361,6 +361,12 @@ pub struct UserView {
     /// existed.
     #[serde(default)]
     pub roles: Vec<String>,
+    /// Wrong MFA codes in a row (reset by an accepted code and by a lockout).
+    #[serde(default)]
+    pub mfa_failed_attempts: u32,
+    /// The end of the latest MFA lockout (RFC 3339); in the past once it is over.
+    #[serde(default)]
+    pub mfa_locked_until: Option<String>,
 }
 
 impl UserView {
@@ -390,6 +396,8 @@ impl View for UserView {
             mfa_pending: false,
             registered_at: rfc3339(registered_at),
             roles: vec![],
+            mfa_failed_attempts: 0,
+            mfa_locked_until: None,
         })
     }
 
@@ -399,6 +407,7 @@ impl View for UserView {
             UserEvent::MfaEnabled { .. } => {
                 self.mfa_enabled = true;
                 self.mfa_pending = false;
+                self.mfa_failed_attempts = 0;
             }
             UserEvent::RoleGranted { role, .. } => {
                 if !self.has_role(role) {
@@ -407,7 +416,13 @@ impl View for UserView {
                 }
             }
             UserEvent::RoleRevoked { role, .. } => self.roles.retain(|r| r != role.as_str()),
-            UserEvent::UserRegistered { .. } | UserEvent::MfaCodeAccepted { .. } => {}
+            UserEvent::MfaCodeAccepted { .. } => self.mfa_failed_attempts = 0,
+            UserEvent::MfaCodeRejected { failures, .. } => self.mfa_failed_attempts = failures,
+            UserEvent::MfaLockedOut { until, .. } => {
+                self.mfa_failed_attempts = 0;
+                self.mfa_locked_until = Some(rfc3339(until));
+            }
+            UserEvent::UserRegistered { .. } => {}
         }
     }
 
@@ -446,6 +461,46 @@ mod tests {
             metadata: json!({"actor": "u1"}),
             recorded_at: "2026-01-01T00:00:00Z".into(),
         }
+    }
+
+    #[test]
+    fn user_view_counts_wrong_codes_and_shows_the_lockout() {
+        let at = "2026-01-01T00:00:00Z";
+        let rejected = |failures: u32| {
+            json!({"MfaCodeRejected": {"purpose": "issue_api_key", "failures": failures,
+                "rejected_at": at}})
+        };
+        let events = [
+            json!({"UserRegistered": {"user_id": "u1", "username": "Alice",
+                "username_key": "alice", "registered_at": at}}),
+            rejected(1),
+            json!({"MfaCodeAccepted": {"step": 1, "purpose": "issue_api_key", "accepted_at": at}}),
+            rejected(1),
+            rejected(2),
+            json!({"MfaLockedOut": {"failures": 5, "locked_at": at,
+                "until": "2026-01-01T00:15:00Z"}}),
+        ];
+        let mut doc = None;
+        let mut seen = vec![];
+        for (i, payload) in events.into_iter().enumerate() {
+            let event = stored(i as i64 + 1, "User", "u1", payload);
+            let next = apply(ViewKind::User, doc, &event).unwrap();
+            let view: UserView = serde_json::from_value(next.payload.clone()).unwrap();
+            seen.push((view.mfa_failed_attempts, view.mfa_locked_until));
+            doc = Some(next.payload);
+        }
+        let locked = Some("2026-01-01T00:15:00Z".to_owned());
+        assert_eq!(
+            seen,
+            [
+                (0, None),
+                (1, None),
+                (0, None),
+                (1, None),
+                (2, None),
+                (0, locked)
+            ]
+        );
     }
 
     #[test]

@@ -181,7 +181,23 @@ impl AuthAgent {
     }
 }
 
+/// Rate-limited (see `limits`): an address that keeps presenting bad keys is refused before
+/// any lookup, and each key has a request rate. Both refusals are 429 with `Retry-After`.
 async fn agent_from_key(state: &AppState, key: &str) -> Result<AuthAgent, ApiError> {
+    let source_ip = crate::store::SOURCE_IP.try_with(|ip| *ip).ok();
+    state.limits.check_api_key_auth(source_ip)?;
+    let agent = match lookup_agent(state, key).await {
+        Err(e) if e.status == StatusCode::UNAUTHORIZED => {
+            state.limits.api_key_auth_failed(source_ip);
+            return Err(e);
+        }
+        other => other?,
+    };
+    state.limits.api_key_request(&agent.key.api_key_id)?;
+    Ok(agent)
+}
+
+async fn lookup_agent(state: &AppState, key: &str) -> Result<AuthAgent, ApiError> {
     let invalid = || ApiError::unauthorized("invalid or revoked API key");
     if !ApiKeySecret::looks_valid(key) {
         return Err(invalid());

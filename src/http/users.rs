@@ -75,11 +75,15 @@ pub struct LoginRequest {
 }
 
 /// Unknown user and wrong password take the same path and time and give the same answer.
+/// Failures are rate-limited per username and per source address (see `limits`): a refused
+/// attempt is a 429 that checks no password and records nothing.
 pub async fn login(
     State(state): State<AppState>,
     RequestId(request_id): RequestId,
     ApiJson(body): ApiJson<LoginRequest>,
 ) -> ApiResult<Json<Value>> {
+    let source_ip = crate::store::SOURCE_IP.try_with(|ip| *ip).ok();
+    state.limits.begin_login(&body.username, source_ip)?;
     // No registered name is longer or holds a control character (a NUL cannot even be sent
     // to PostgreSQL): such a name is unknown without asking the store.
     let plausible = body.username.len() <= 64 && !body.username.chars().any(char::is_control);
@@ -94,6 +98,9 @@ pub async fn login(
     };
     let ok = verify_password(body.password.0, hash).await?;
     let success = ok && user_id.is_some();
+    if success {
+        state.limits.login_succeeded(&body.username, source_ip);
+    }
     // Every attempt is in the history, with its source address; the same work either way.
     record_login(
         &state,
@@ -200,17 +207,7 @@ pub async fn setup_mfa(
         code: body.mfa_code.map(|c| c.0),
         now: OffsetDateTime::now_utc(),
     };
-    let result = state
-        .execute(
-            &state.users,
-            &user.user_id,
-            command,
-            &user.actor(),
-            &request_id,
-        )
-        .await
-        .map_err(mfa_field);
-    if let Err(e) = result {
+    if let Err(e) = execute_code_command(&state, &user, command, &request_id).await {
         // Refused (no or a wrong code, a lockout): nothing refers to the new secret, so it
         // does not stay behind. After a 5xx it may have been recorded: keep it then.
         if e.status.is_client_error() {
@@ -252,16 +249,7 @@ pub async fn confirm_mfa(
         code: body.mfa_code.0,
         now: OffsetDateTime::now_utc(),
     };
-    state
-        .execute(
-            &state.users,
-            &user.user_id,
-            command,
-            &user.actor(),
-            &request_id,
-        )
-        .await
-        .map_err(mfa_field)?;
+    execute_code_command(&state, &user, command, &request_id).await?;
     Ok(Json(json!({"mfa_enabled": true})))
 }
 
@@ -278,16 +266,26 @@ pub async fn use_mfa_code(
         purpose: purpose.to_owned(),
         now: OffsetDateTime::now_utc(),
     };
-    state
-        .execute(
-            &state.users,
-            &user.user_id,
-            command,
-            &user.actor(),
-            request_id,
-        )
+    execute_code_command(state, user, command, request_id).await
+}
+
+/// Run a user command that may check an MFA code, and answer from what it recorded. A wrong
+/// code is *recorded* (`MfaCodeRejected`, counting towards the lockout), so the command
+/// succeeds and the refusal is read from its events: 403 `invalid_mfa_code`, or 429
+/// `mfa_locked` for the code that locks and for every attempt during the lockout. Every
+/// code-checking user command must run through here: `state.execute` alone would take a
+/// recorded wrong code for success.
+pub(super) async fn execute_code_command(
+    state: &AppState,
+    user: &AuthUser,
+    command: UserCommand,
+    request_id: &str,
+) -> ApiResult<()> {
+    let events = state
+        .execute_user_command(&user.user_id, command, &user.actor(), request_id)
         .await
-        .map_err(mfa_field)
+        .map_err(mfa_field)?;
+    aggregates::mfa_verdict(&events).map_err(|e| mfa_field(e.into()))
 }
 
 pub async fn me(State(state): State<AppState>, user: AuthUser) -> ApiResult<Json<Value>> {
@@ -297,6 +295,15 @@ pub async fn me(State(state): State<AppState>, user: AuthUser) -> ApiResult<Json
         "username": profile.username,
         "mfa_enabled": profile.mfa_enabled,
         "mfa_pending": profile.mfa_pending,
+        "mfa_failed_attempts": profile.mfa_failed_attempts,
+        "mfa_locked_until": mfa_locked_until(&profile, OffsetDateTime::now_utc()),
         "roles": profile.roles,
     })))
+}
+
+/// The end of the MFA lockout if it is still running at `now`.
+fn mfa_locked_until(profile: &UserView, now: OffsetDateTime) -> Option<String> {
+    let until = profile.mfa_locked_until.as_deref()?;
+    let end = OffsetDateTime::parse(until, &time::format_description::well_known::Rfc3339).ok()?;
+    (now < end).then(|| until.to_owned())
 }
