@@ -55,6 +55,8 @@ pub struct Inner {
     halted: AtomicBool,
     /// Counters and histograms behind `GET /metrics`.
     pub metrics: crate::metrics::Metrics,
+    /// Login and API-key rate limits, in memory (see `limits`).
+    pub limits: crate::limits::Limits,
 }
 
 #[derive(Clone)]
@@ -82,7 +84,8 @@ impl AppState {
         let hub = Arc::new(Hub::new(db.clone()).await?);
         let writer = Writer::spawn(projector.clone(), Some(hub.clone()));
         Ok(Self(Arc::new(Inner {
-            users: cqrs(&db, &writer, verifier as aggregates::UserServices),
+            users: cqrs(&db, &writer, verifier as aggregates::UserServices)
+                .append_query(Box::new(CommittedUserEvents)),
             wallets: cqrs(&db, &writer, ()),
             api_keys: cqrs(&db, &writer, ()),
             transactions: cqrs(
@@ -103,6 +106,7 @@ impl AppState {
             crash_after_sign_for_tests: config.crash_after_sign_for_tests,
             halted: AtomicBool::new(false),
             metrics: crate::metrics::Metrics::new(config.metrics),
+            limits: crate::limits::Limits::new(&config.limits),
             master_key,
             keyring,
             db,
@@ -202,5 +206,53 @@ impl Application {
         self.state.wallet_locks.close().await;
         self.state.db.close().await;
         Ok(())
+    }
+}
+
+tokio::task_local! {
+    /// The events committed by the `User` commands of [`AppState::execute_user_command`].
+    static COMMITTED_USER_EVENTS: std::sync::Mutex<Option<Vec<aggregates::UserEvent>>>;
+}
+
+/// The one cqrs-es query (views are the projector's): hands the events a `User` command
+/// committed back to the task that ran it. Some outcomes are events rather than errors (a wrong
+/// MFA code is recorded so that it counts; cqrs-es stores nothing when a command fails).
+struct CommittedUserEvents;
+
+#[async_trait::async_trait]
+impl cqrs_es::Query<User> for CommittedUserEvents {
+    async fn dispatch(&self, _: &str, events: &[cqrs_es::EventEnvelope<User>]) {
+        // Dispatch runs in the committing task, after the commit; outside a capture, no-op.
+        let _ = COMMITTED_USER_EVENTS.try_with(|captured| {
+            if let Ok(mut captured) = captured.lock() {
+                *captured = Some(events.iter().map(|e| e.payload.clone()).collect());
+            }
+        });
+    }
+}
+
+impl AppState {
+    /// Run a `User` command like [`execute`](Self::execute) and return the events it
+    /// recorded (those of the attempt that committed, after any conflict retries). Fails
+    /// closed: a command that succeeded without its events reaching us is an error, never
+    /// an empty (and so unrefused) outcome.
+    pub async fn execute_user_command(
+        &self,
+        user_id: &str,
+        command: aggregates::UserCommand,
+        actor: &Actor,
+        request_id: &str,
+    ) -> Result<Vec<aggregates::UserEvent>, http::ApiError> {
+        COMMITTED_USER_EVENTS
+            .scope(std::sync::Mutex::new(None), async {
+                self.execute(&self.users, user_id, command, actor, request_id)
+                    .await?;
+                COMMITTED_USER_EVENTS
+                    .with(|captured| captured.lock().ok().and_then(|mut e| e.take()))
+                    .ok_or_else(|| {
+                        http::ApiError::internal("a user command's events were not captured")
+                    })
+            })
+            .await
     }
 }

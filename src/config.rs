@@ -54,6 +54,8 @@ pub struct Config {
     pub crash_after_sign_for_tests: bool,
     /// Who may read `GET /metrics` (`COUNTERSIGN_METRICS`, `COUNTERSIGN_METRICS_TOKEN`).
     pub metrics: MetricsAccess,
+    /// Rate limits on logins and API keys (`COUNTERSIGN_LOGIN_*`, `COUNTERSIGN_API_KEY_*`).
+    pub limits: crate::limits::LimitsConfig,
 }
 
 impl std::fmt::Debug for Config {
@@ -67,6 +69,7 @@ impl std::fmt::Debug for Config {
             .field("jwt_ttl", &self.jwt_ttl)
             .field("max_fee_per_gas_cap", &self.max_fee_per_gas_cap)
             .field("metrics", &self.metrics)
+            .field("limits", &self.limits)
             .finish_non_exhaustive()
     }
 }
@@ -172,8 +175,66 @@ impl Config {
             max_fee_per_gas_cap,
             crash_after_sign_for_tests: false,
             metrics: metrics_access()?,
+            limits: limits_from_env()?,
         })
     }
+}
+
+/// The rate limits; each count may be 0 to turn that limit off.
+fn limits_from_env() -> Result<crate::limits::LimitsConfig, ConfigError> {
+    use crate::limits::{LimitsConfig, Rate, DEFAULT_API_KEY_BURST, DEFAULT_API_KEY_RATE};
+    let defaults = LimitsConfig::default();
+    let window = |name: &'static str, default: Duration| -> Result<Duration, ConfigError> {
+        match parse_var(name, default.as_secs())? {
+            0 => Err(ConfigError::Invalid {
+                name,
+                why: "must be a positive number of seconds".into(),
+            }),
+            secs => Ok(Duration::from_secs(secs)),
+        }
+    };
+    let login_window = window(
+        "COUNTERSIGN_LOGIN_FAILURE_WINDOW",
+        defaults.login_per_username.period,
+    )?;
+    let api_key_window = window(
+        "COUNTERSIGN_API_KEY_FAILURE_WINDOW",
+        defaults.api_key_failures_per_ip.period,
+    )?;
+    let rate: u32 = parse_var("COUNTERSIGN_API_KEY_RATE", DEFAULT_API_KEY_RATE)?;
+    let burst: u32 = parse_var("COUNTERSIGN_API_KEY_BURST", DEFAULT_API_KEY_BURST)?;
+    let max_entries: usize = parse_var("COUNTERSIGN_RATE_LIMIT_MAX_ENTRIES", defaults.max_entries)?;
+    if max_entries == 0 {
+        return Err(ConfigError::Invalid {
+            name: "COUNTERSIGN_RATE_LIMIT_MAX_ENTRIES",
+            why: "must be positive".into(),
+        });
+    }
+    Ok(LimitsConfig {
+        login_per_username: Rate::new(
+            parse_var(
+                "COUNTERSIGN_LOGIN_FAILURES_PER_USERNAME",
+                defaults.login_per_username.burst,
+            )?,
+            login_window,
+        ),
+        login_per_ip: Rate::new(
+            parse_var(
+                "COUNTERSIGN_LOGIN_FAILURES_PER_IP",
+                defaults.login_per_ip.burst,
+            )?,
+            login_window,
+        ),
+        api_key_failures_per_ip: Rate::new(
+            parse_var(
+                "COUNTERSIGN_API_KEY_FAILURES_PER_IP",
+                defaults.api_key_failures_per_ip.burst,
+            )?,
+            api_key_window,
+        ),
+        api_key_requests: Rate::per_second(rate, burst),
+        max_entries,
+    })
 }
 
 /// `COUNTERSIGN_METRICS` (`on`, the default, or `off`) and `COUNTERSIGN_METRICS_TOKEN` (when

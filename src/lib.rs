@@ -12,6 +12,7 @@ pub mod crypto;
 pub mod execution;
 pub mod explain;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 pub mod projector;
 pub mod push;

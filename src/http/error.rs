@@ -21,6 +21,8 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     pub field: Option<String>,
+    /// Seconds for a `Retry-After` header (429s).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -30,6 +32,15 @@ impl ApiError {
             code,
             message: message.into(),
             field: None,
+            retry_after: None,
+        }
+    }
+
+    /// 429 with `Retry-After` (whole seconds, at least 1); the message says when to retry.
+    pub fn too_many_requests(code: &'static str, message: impl Into<String>, secs: u64) -> Self {
+        Self {
+            retry_after: Some(secs.max(1)),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, code, message)
         }
     }
 
@@ -104,7 +115,13 @@ impl IntoResponse for ApiError {
         if let Some(field) = self.field {
             body["field"] = json!(field);
         }
-        (self.status, Json(json!({ "error": body }))).into_response()
+        let mut response = (self.status, Json(json!({ "error": body }))).into_response();
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        response
     }
 }
 
@@ -212,7 +229,24 @@ impl From<UserError> for ApiError {
             UserError::MfaNotEnabled => Self::forbidden("mfa_not_enabled", msg),
             UserError::MfaCodeRequired => Self::forbidden("mfa_code_required", msg),
             UserError::NoPendingMfa => Self::conflict("no_pending_mfa", msg),
-            UserError::InvalidMfaCode => Self::forbidden("invalid_mfa_code", msg),
+            UserError::InvalidMfaCode { .. } => Self::forbidden("invalid_mfa_code", msg),
+            UserError::MfaLocked { until } => {
+                let left = until - time::OffsetDateTime::now_utc();
+                let secs = u64::try_from(left.whole_seconds()).unwrap_or(0)
+                    + u64::from(left.subsec_nanoseconds() > 0);
+                let until = until
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default();
+                Self::too_many_requests(
+                    "mfa_locked",
+                    format!(
+                        "too many wrong MFA codes: MFA-protected actions are locked until \
+                         {until}; retry in {} seconds",
+                        secs.max(1)
+                    ),
+                    secs,
+                )
+            }
             UserError::MfaCodeReplayed => Self::forbidden("mfa_code_replayed", msg),
             UserError::Verifier(m) if is_unavailable_message(&m) => Self::unavailable(msg),
             UserError::Verifier(_) => Self::internal(msg),
@@ -220,6 +254,12 @@ impl From<UserError> for ApiError {
                 Self::conflict("role_unchanged", msg)
             }
         }
+    }
+}
+
+impl From<crate::limits::RateLimited> for ApiError {
+    fn from(e: crate::limits::RateLimited) -> Self {
+        Self::too_many_requests("rate_limited", e.to_string(), e.retry_after_secs())
     }
 }
 

@@ -264,6 +264,7 @@ pub fn test_config(database_url: &str, chain_url: &str, master_key_b64: &str, jw
         max_fee_per_gas_cap: None,
         crash_after_sign_for_tests: false,
         metrics: Default::default(),
+        limits: Default::default(),
     }
 }
 

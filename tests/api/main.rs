@@ -9,6 +9,7 @@ mod faults;
 mod flow;
 mod helpers;
 mod kinds;
+mod limits;
 mod metrics;
 mod negative;
 mod nodes;
