@@ -617,6 +617,25 @@ impl Db {
         rows.into_iter().map(decode_view).collect()
     }
 
+    /// Pending transactions whose deadline (RFC 3339, as stored) sorts at or before `cutoff`,
+    /// soonest first. Text order is time order only to the second (fractions vary in length),
+    /// so callers pass a cutoff a second late and compare the exact times themselves.
+    pub async fn transactions_due<T: DeserializeOwned>(
+        &self,
+        cutoff: &str,
+        limit: i64,
+    ) -> Result<Vec<T>, StoreError> {
+        let rows: Vec<Value> = with_pool!(self, |pool| sqlx::query_scalar(
+            "SELECT payload FROM views WHERE due_at IS NOT NULL AND due_at <= $1 \
+             ORDER BY due_at LIMIT $2"
+        )
+        .bind(cutoff)
+        .bind(limit)
+        .fetch_all(pool)
+        .await?);
+        rows.into_iter().map(decode_view).collect()
+    }
+
     /// Every view of a kind in a status (background workers: expiry, receipts).
     pub async fn views_in_status<T: DeserializeOwned>(
         &self,

@@ -48,10 +48,10 @@ async fn expiry_loop(state: AppState) {
 /// Record `TransactionExpired` for every pending prompt past its deadline.
 pub async fn expire_due(state: &AppState) -> Result<(), crate::http::ApiError> {
     let now = OffsetDateTime::now_utc();
-    let pending: Vec<TransactionView> = state
-        .db
-        .views_in_status(ViewKind::Transaction, "pending_authorization")
-        .await?;
+    let cutoff = (now + time::Duration::seconds(2))
+        .format(&time::format_description::well_known::Rfc3339)
+        .map_err(crate::http::ApiError::internal)?;
+    let pending: Vec<TransactionView> = state.db.transactions_due(&cutoff, 1_000).await?;
     let actor = Actor::system("expiry");
     for view in pending {
         let due = OffsetDateTime::parse(
