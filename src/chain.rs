@@ -130,8 +130,11 @@ pub struct Chain {
     timeout: Duration,
     chain_id: Arc<OnceCell<u64>>,
     metrics: Arc<ChainMetrics>,
-    recent_fees: Arc<std::sync::Mutex<Option<(std::time::Instant, (u128, u128))>>>,
+    recent_fees: Arc<std::sync::Mutex<Option<(std::time::Instant, Fees)>>>,
 }
+
+/// `(max_fee_per_gas, max_priority_fee_per_gas)`, wei.
+type Fees = (u128, u128);
 
 /// How long a fee estimate serves approval prompts.
 const RECENT_FEES: Duration = Duration::from_secs(1);
