@@ -79,7 +79,7 @@ impl AppState {
         let verifier = Arc::new(TotpVerifier::new(db.clone(), master_key.clone()));
         let sealer = crate::audit::Sealer::new(db.clone(), master_key.clone())
             .await
-            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            .map_err(|e| StoreError::Startup(e.to_string()))?;
         let projector = Arc::new(Projector::new(db.clone()));
         let hub = Arc::new(Hub::new(db.clone()).await?);
         let writer = Writer::spawn(projector.clone(), Some(hub.clone()));

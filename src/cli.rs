@@ -1,18 +1,19 @@
-//! The operator's commands beyond `serve`: audit (verify, export, seal), roles, and view
-//! rebuilds. `main.rs` parses the command line and calls these.
+//! The operator's commands beyond `serve`: audit (verify, export, seal), roles, master-key
+//! rotation (status, rotate) and view rebuilds. `main.rs` parses the command line and calls
+//! these.
 
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 
-use aggregates::{MfaVerifier, Role, User, UserCommand};
+use aggregates::{MfaVerifier, Role, SecurityLog, SecurityLogCommand, User, UserCommand};
 use anyhow::{bail, Context};
 use async_trait::async_trait;
 use cqrs_es::AggregateError;
 use projections::ViewKind;
 
 use crate::audit::{self, export::PublicKeyInfo, Report};
-use crate::config::{redact_url, DEFAULT_DATABASE_URL};
+use crate::config::{master_key_from_env, redact_url, DEFAULT_DATABASE_URL};
 use crate::crypto::MasterKey;
 use crate::projector::Projector;
 use crate::store::{cqrs, Actor, Db};
@@ -30,16 +31,11 @@ pub async fn connect() -> anyhow::Result<Db> {
     Ok(db)
 }
 
+/// The master key with any previous keys (see `config::master_key_from_env`).
 fn master_key(required: bool) -> anyhow::Result<Option<MasterKey>> {
-    match std::env::var("COUNTERSIGN_MASTER_KEY")
-        .ok()
-        .filter(|v| !v.trim().is_empty())
-    {
-        Some(v) => Ok(Some(MasterKey::from_base64(&v).map_err(|why| {
-            anyhow::anyhow!("COUNTERSIGN_MASTER_KEY is invalid: {why}")
-        })?)),
+    match master_key_from_env()? {
         None if required => bail!("COUNTERSIGN_MASTER_KEY is not set"),
-        None => Ok(None),
+        key => Ok(key),
     }
 }
 
@@ -260,5 +256,131 @@ pub async fn rebuild(view: Option<&str>) -> anyhow::Result<()> {
         stats.elapsed_seconds,
         stats.events as f64 / stats.elapsed_seconds.max(1e-9)
     );
+    Ok(())
+}
+
+/// `countersign keys status`: sealed secrets per table and master key. `Ok(true)` if every
+/// one is under the current key (previous keys can be retired).
+pub async fn keys_status(batch: u32, json: bool) -> anyhow::Result<bool> {
+    let db = connect().await?;
+    let key = master_key(true)?.expect("required");
+    let status = crate::keys::status(&db, &key, batch).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(status.not_current == 0);
+    }
+    print_key_ids(&key);
+    println!(
+        "{:<20} {:<18} {:<10} {:>8}",
+        "table", "master key", "role", "secrets"
+    );
+    for c in &status.counts {
+        let id = c
+            .key_id
+            .map_or("(not recorded)".to_owned(), |id| id.to_string());
+        let role = serde_json::to_value(c.role)?;
+        println!(
+            "{:<20} {:<18} {:<10} {:>8}",
+            c.table.name(),
+            id,
+            role.as_str().unwrap_or("?"),
+            c.count
+        );
+    }
+    if status.malformed > 0 {
+        println!("{} sealed secrets are malformed", status.malformed);
+    }
+    if status.not_current == 0 {
+        println!("every sealed secret is under the current master key");
+    } else {
+        println!(
+            "{} sealed secrets are not under the current master key: run `countersign keys rotate`",
+            status.not_current
+        );
+    }
+    Ok(status.not_current == 0)
+}
+
+fn print_key_ids(key: &MasterKey) {
+    println!("current master key:  {}", key.key_id());
+    let previous = key.previous_key_ids();
+    if previous.is_empty() {
+        println!("previous master keys: none");
+    } else {
+        let ids: Vec<String> = previous.iter().map(ToString::to_string).collect();
+        println!("previous master keys: {}", ids.join(", "));
+    }
+}
+
+/// `countersign keys rotate [--dry-run]`: rewrap every sealed secret under the current master
+/// key, then record a `MasterKeyRotated` security event (actor "operator"). `Ok(true)` if
+/// every secret is now under the current key.
+pub async fn keys_rotate(dry_run: bool, batch: u32, json: bool) -> anyhow::Result<bool> {
+    let db = connect().await?;
+    let key = master_key(true)?.expect("required");
+    let report = crate::keys::rotate(&db, &key, batch, dry_run).await?;
+    if !dry_run && (report.rewrapped > 0 || !report.failures.is_empty()) {
+        record_rotation(&db, &report)
+            .await
+            .context("the secrets were rotated, but recording the security event failed")?;
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(report.complete());
+    }
+    print_key_ids(&key);
+    println!(
+        "{:<20} {:>8} {:>8} {:>10} {:>7}",
+        "table", "secrets", "current", "rewrapped", "failed"
+    );
+    for t in &report.tables {
+        println!(
+            "{:<20} {:>8} {:>8} {:>10} {:>7}",
+            t.table.name(),
+            t.scanned,
+            t.already_current,
+            t.rewrapped,
+            t.failed
+        );
+    }
+    for f in &report.failures {
+        println!("FAILED {} {}: {}", f.table.name(), f.id, f.error);
+    }
+    if report.conflicts > 0 {
+        println!(
+            "{} secrets kept changing while being rewrapped: run the command again",
+            report.conflicts
+        );
+    }
+    let verb = if dry_run { "would rewrap" } else { "rewrapped" };
+    println!("{verb} {} sealed secrets", report.rewrapped);
+    if report.complete() && !dry_run {
+        println!(
+            "every sealed secret is under master key {}: previous keys can be removed from \
+             COUNTERSIGN_PREVIOUS_MASTER_KEYS (restart each node after)",
+            report.current_key_id
+        );
+    }
+    Ok(report.complete())
+}
+
+/// The rotation as a `MasterKeyRotated` event on a fresh `SecurityLog` instance.
+async fn record_rotation(db: &Db, report: &crate::keys::RotationReport) -> anyhow::Result<()> {
+    let writer = crate::writer::Writer::spawn(Arc::new(Projector::new(db.clone())), None);
+    let log = cqrs::<SecurityLog>(db, &writer, ());
+    let command = SecurityLogCommand::RecordKeyRotation {
+        from_key_ids: report.from_key_ids.clone(),
+        to_key_id: report.current_key_id.to_string(),
+        rewrapped: report.rewrapped,
+        failed: report.failures.len() as u64,
+        now: time::OffsetDateTime::now_utc(),
+    };
+    let request_id = format!("cli-{}", uuid::Uuid::new_v4());
+    log.execute_with_metadata(
+        &uuid::Uuid::new_v4().to_string(),
+        command,
+        Actor::operator().metadata(&request_id),
+    )
+    .await?;
     Ok(())
 }

@@ -118,14 +118,9 @@ impl Config {
                 why: format!("must be at least {MIN_JWT_SECRET_BYTES} bytes of random data"),
             });
         }
-        let master_key = var("COUNTERSIGN_MASTER_KEY").ok_or(ConfigError::Missing {
+        let master_key = master_key_from_env()?.ok_or(ConfigError::Missing {
             name: "COUNTERSIGN_MASTER_KEY",
         })?;
-        let master_key =
-            MasterKey::from_base64(&master_key).map_err(|why| ConfigError::Invalid {
-                name: "COUNTERSIGN_MASTER_KEY",
-                why,
-            })?;
         let chain_url = var("WEB3_PROVIDER_URI").unwrap_or_else(|| DEFAULT_CHAIN_URL.to_owned());
         let chain_url = url::Url::parse(&chain_url).map_err(|e| ConfigError::Invalid {
             name: "WEB3_PROVIDER_URI",
@@ -270,6 +265,27 @@ fn metrics_access() -> Result<MetricsAccess, ConfigError> {
         }
         (true, Some(token)) => Ok(MetricsAccess::Token(SecretString::from(token.trim()))),
     }
+}
+
+/// `COUNTERSIGN_MASTER_KEY` (seals new secrets) with `COUNTERSIGN_PREVIOUS_MASTER_KEYS`
+/// (comma-separated keys still accepted for opening, during a rotation); `None` if the master
+/// key is not set.
+pub fn master_key_from_env() -> Result<Option<MasterKey>, ConfigError> {
+    let Some(current) = var("COUNTERSIGN_MASTER_KEY") else {
+        return Ok(None);
+    };
+    let current = MasterKey::from_base64(&current).map_err(|why| ConfigError::Invalid {
+        name: "COUNTERSIGN_MASTER_KEY",
+        why,
+    })?;
+    let previous = match var("COUNTERSIGN_PREVIOUS_MASTER_KEYS") {
+        None => Vec::new(),
+        Some(list) => MasterKey::list_from_base64(&list).map_err(|why| ConfigError::Invalid {
+            name: "COUNTERSIGN_PREVIOUS_MASTER_KEYS",
+            why,
+        })?,
+    };
+    Ok(Some(current.with_previous(previous)))
 }
 
 /// Generate random dev secrets into `dir/secrets.env` unless present, then export any that the

@@ -12,6 +12,7 @@ pub mod crypto;
 pub mod execution;
 pub mod explain;
 pub mod http;
+pub mod keys;
 pub mod limits;
 pub mod metrics;
 pub mod projector;

@@ -1,5 +1,5 @@
 //! The `countersign` command: `serve` the API, `migrate` the database, and the operator's
-//! `audit`, `admin` and `projections` commands (see `cli`).
+//! `audit`, `admin`, `projections` and `keys` commands (see `cli`).
 
 use std::path::PathBuf;
 
@@ -49,6 +49,34 @@ enum Command {
     Projections {
         #[command(subcommand)]
         command: ProjectionsCommand,
+    },
+    /// Master keys: which key seals what, and rotation (see README "Key rotation").
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Count sealed secrets per table and master key. Exits 1 if any is not under the
+    /// current key.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rewrap every sealed secret under COUNTERSIGN_MASTER_KEY; the keys they are under now
+    /// must be in COUNTERSIGN_PREVIOUS_MASTER_KEYS. Safe while servers run; idempotent. Exits 1
+    /// if any secret could not be rewrapped.
+    Rotate {
+        /// Check that every secret could be rewrapped, and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Secrets per transaction.
+        #[arg(long, default_value_t = countersign::keys::DEFAULT_BATCH)]
+        batch_size: u32,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -107,6 +135,8 @@ async fn main() -> anyhow::Result<()> {
             EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,tower_http=info")),
         )
+        // Logs on stderr: stdout carries only a command's output (e.g. `--json` reports).
+        .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
         Command::Serve { dev, dev_dir } => {
@@ -114,6 +144,8 @@ async fn main() -> anyhow::Result<()> {
             tracing::info!(
                 database = %redact_url(&config.database_url),
                 chain = %config.chain_url,
+                master_key_id = %config.master_key.key_id(),
+                previous_master_key_ids = ?config.master_key.previous_key_ids(),
                 "starting"
             );
             let app = Application::build(config).await?;
@@ -162,6 +194,22 @@ async fn main() -> anyhow::Result<()> {
         Command::Projections {
             command: ProjectionsCommand::Rebuild { view },
         } => countersign::cli::rebuild(view.as_deref()).await,
+        Command::Keys { command } => {
+            let ok = match command {
+                KeysCommand::Status { json } => {
+                    countersign::cli::keys_status(countersign::keys::DEFAULT_BATCH, json).await?
+                }
+                KeysCommand::Rotate {
+                    dry_run,
+                    batch_size,
+                    json,
+                } => countersign::cli::keys_rotate(dry_run, batch_size, json).await?,
+            };
+            if !ok {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
     }
 }
 

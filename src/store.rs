@@ -44,6 +44,10 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// The server cannot start with this configuration (e.g. its master keys do not open the
+    /// stored audit key).
+    #[error("cannot start: {0}")]
+    Startup(String),
 }
 
 impl StoreError {
