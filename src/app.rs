@@ -48,6 +48,8 @@ pub struct Inner {
     pub poll_interval: Duration,
     /// Cap on an execution's max fee per gas (wei); `None`: no cap.
     pub max_fee_per_gas_cap: Option<u128>,
+    /// How long an `Idempotency-Key` is remembered (see `http::idempotency`).
+    pub idempotency_ttl: Duration,
     /// See [`Config::crash_after_sign_for_tests`].
     pub crash_after_sign_for_tests: bool,
     /// Set by the crash test hook: this instance behaves as a dead process and broadcasts
@@ -103,6 +105,7 @@ impl AppState {
             default_expiry: config.default_expiry,
             poll_interval: config.poll_interval,
             max_fee_per_gas_cap: config.max_fee_per_gas_cap,
+            idempotency_ttl: config.idempotency_ttl,
             crash_after_sign_for_tests: config.crash_after_sign_for_tests,
             halted: AtomicBool::new(false),
             metrics: crate::metrics::Metrics::new(config.metrics),

@@ -48,6 +48,8 @@ pub struct Config {
     /// The most an executed transaction may offer per gas (EIP-1559 `max_fee_per_gas`), wei.
     /// `None`: no cap. A transaction the network would charge more fails before signing.
     pub max_fee_per_gas_cap: Option<u128>,
+    /// How long an `Idempotency-Key` is remembered (its response replayed) after first use.
+    pub idempotency_ttl: Duration,
     /// Test hook, never set from the environment: emulate a crash right after a signed
     /// transaction is recorded and before it is broadcast. The execute request then answers
     /// 500 and the instance stops broadcasting (as a dead process would) until restarted.
@@ -142,6 +144,13 @@ impl Config {
         }
         let expiry_secs: u64 = parse_var("COUNTERSIGN_TX_EXPIRY", 900)?;
         let poll_ms: u64 = parse_var("COUNTERSIGN_POLL_INTERVAL_MS", 500)?;
+        let idempotency_ttl: u64 = parse_var("COUNTERSIGN_IDEMPOTENCY_TTL", 86_400)?;
+        if idempotency_ttl == 0 {
+            return Err(ConfigError::Invalid {
+                name: "COUNTERSIGN_IDEMPOTENCY_TTL",
+                why: "must be a positive number of seconds".into(),
+            });
+        }
         let max_fee_per_gas_cap = match var("COUNTERSIGN_MAX_FEE_PER_GAS_WEI") {
             None => None,
             Some(v) => match v.trim().parse::<u128>() {
@@ -168,6 +177,7 @@ impl Config {
             default_expiry: Duration::from_secs(expiry_secs.max(1)),
             poll_interval: Duration::from_millis(poll_ms.max(10)),
             max_fee_per_gas_cap,
+            idempotency_ttl: Duration::from_secs(idempotency_ttl),
             crash_after_sign_for_tests: false,
             metrics: metrics_access()?,
             limits: limits_from_env()?,

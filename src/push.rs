@@ -194,7 +194,15 @@ impl Db {
 
 struct Subscriber {
     principal: Principal,
+    /// The access token (`jti`) a user's socket was opened with.
+    token_id: Option<String>,
     tx: mpsc::Sender<Outgoing>,
+}
+
+impl Subscriber {
+    fn is_user(&self, user_id: &str) -> bool {
+        matches!(&self.principal, Principal::User(id) | Principal::Auditor(id) if id == user_id)
+    }
 }
 
 struct HubState {
@@ -260,11 +268,26 @@ impl Hub {
     }
 
     pub fn subscribe(&self, principal: Principal) -> Subscription {
+        self.subscribe_session(principal, None)
+    }
+
+    /// Subscribe a socket opened with the access token `token_id` (closed when a logout,
+    /// password change or MFA replacement ends that token).
+    pub fn subscribe_session(
+        &self,
+        principal: Principal,
+        token_id: Option<String>,
+    ) -> Subscription {
         let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
         let mut state = self.lock();
         state.next_id += 1;
         let id = state.next_id;
-        state.subscribers.insert(id, Subscriber { principal, tx });
+        let subscriber = Subscriber {
+            principal,
+            token_id,
+            tx,
+        };
+        state.subscribers.insert(id, subscriber);
         Subscription {
             id,
             from: state.cursor,
@@ -338,7 +361,40 @@ impl Hub {
         }
     }
 
+    /// Close the sockets of sessions a user event ended: the one token of a `LoggedOut`, every
+    /// token of the user on `PasswordChanged` or an `MfaEnabled` that replaced a secret. (A
+    /// socket opened with the token issued by that very request, before this event is routed,
+    /// is closed too; the client reconnects with it.)
+    fn end_sessions(state: &mut HubState, row: &PushRow) {
+        let data = row.payload.get(&row.event_type).unwrap_or(&Value::Null);
+        let user_id = row.aggregate_id.as_str();
+        let logged_out = match row.event_type.as_str() {
+            "LoggedOut" => match data.get("token_id").and_then(Value::as_str) {
+                Some(token) => Some(token),
+                None => return,
+            },
+            "PasswordChanged" => None,
+            "MfaEnabled" if !data["replaced_secret_id"].is_null() => None,
+            _ => return,
+        };
+        state.subscribers.retain(|_, s| {
+            let ended = s.is_user(user_id)
+                && logged_out.is_none_or(|token| s.token_id.as_deref() == Some(token));
+            if ended {
+                let _ = s.tx.try_send(Outgoing::Close {
+                    code: CLOSE_REVOKED,
+                    reason: "session ended: log in again",
+                });
+            }
+            !ended
+        });
+    }
+
     fn route(state: &mut HubState, row: &PushRow) {
+        if row.aggregate_type == "User" {
+            Self::end_sessions(state, row);
+            return;
+        }
         if row.aggregate_type == "ApiKey" && row.event_type == "ApiKeyRevoked" {
             let revoked = Principal::Agent(row.aggregate_id.clone());
             state.subscribers.retain(|_, s| {
@@ -427,6 +483,13 @@ impl Hub {
     }
 }
 
+/// The access token a user's ticket was issued for: checked again when the socket opens.
+#[derive(Debug, Clone)]
+pub struct TicketToken {
+    pub token_id: String,
+    pub token_version: u64,
+}
+
 /// Single-use WebSocket tickets (stored hashed; consumed atomically).
 impl Db {
     pub async fn insert_ws_ticket(
@@ -435,6 +498,7 @@ impl Db {
         principal: &Principal,
         expires_at: i64,
         session_expires_at: Option<i64>,
+        token: Option<&TicketToken>,
     ) -> Result<(), StoreError> {
         let (kind, id) = match principal {
             Principal::User(id) => ("user", id),
@@ -448,13 +512,16 @@ impl Db {
                 .await?;
             sqlx::query(
                 "INSERT INTO ws_tickets (ticket_hash, principal_type, principal_id, expires_at, \
-                 session_expires_at) VALUES ($1, $2, $3, $4, $5)",
+                 session_expires_at, token_id, token_version) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
             )
             .bind(ticket_hash)
             .bind(kind)
             .bind(id)
             .bind(expires_at)
             .bind(session_expires_at)
+            .bind(token.map(|t| t.token_id.as_str()))
+            .bind(token.map(|t| i64::try_from(t.token_version).unwrap_or(i64::MAX)))
             .execute(pool)
             .await?;
         });
@@ -466,26 +533,43 @@ impl Db {
         &self,
         ticket_hash: &str,
         now: i64,
-    ) -> Result<Option<(Principal, Option<i64>)>, StoreError> {
-        let row: Option<(String, String, i64, Option<i64>)> = with_pool!(self, |pool| {
+    ) -> Result<Option<(Principal, Option<i64>, Option<TicketToken>)>, StoreError> {
+        type Row = (
+            String,
+            String,
+            i64,
+            Option<i64>,
+            Option<String>,
+            Option<i64>,
+        );
+        let row: Option<Row> = with_pool!(self, |pool| {
             sqlx::query_as(
                 "DELETE FROM ws_tickets WHERE ticket_hash = $1 \
-                 RETURNING principal_type, principal_id, expires_at, session_expires_at",
+                 RETURNING principal_type, principal_id, expires_at, session_expires_at, \
+                 token_id, token_version",
             )
             .bind(ticket_hash)
             .fetch_optional(pool)
             .await?
         });
-        Ok(row.and_then(|(kind, id, expires_at, session)| {
-            if expires_at < now {
-                return None;
-            }
-            let principal = match kind.as_str() {
-                "user" => Principal::User(id),
-                "auditor" => Principal::Auditor(id),
-                _ => Principal::Agent(id),
-            };
-            Some((principal, session))
-        }))
+        Ok(
+            row.and_then(|(kind, id, expires_at, session, token_id, version)| {
+                if expires_at < now {
+                    return None;
+                }
+                let principal = match kind.as_str() {
+                    "user" => Principal::User(id),
+                    "auditor" => Principal::Auditor(id),
+                    _ => Principal::Agent(id),
+                };
+                let token = token_id
+                    .zip(version)
+                    .map(|(token_id, version)| TicketToken {
+                        token_id,
+                        token_version: u64::try_from(version).unwrap_or(u64::MAX),
+                    });
+                Some((principal, session, token))
+            }),
+        )
     }
 }

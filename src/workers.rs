@@ -21,6 +21,7 @@ pub fn spawn_all(state: AppState) -> Vec<JoinHandle<()>> {
             state.poll_interval,
         )),
         tokio::spawn(expiry_loop(state.clone())),
+        tokio::spawn(purge_loop(state.clone())),
         tokio::spawn(receipt_loop(state)),
     ]
 }
@@ -73,6 +74,24 @@ pub async fn expire_due(state: &AppState) -> Result<(), crate::http::ApiError> {
         }
     }
     Ok(())
+}
+
+/// How often expired idempotency keys and revocations of expired tokens are deleted.
+const PURGE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Delete what no request can need any more: idempotency keys past their TTL (they already
+/// count as absent) and revoked tokens past their expiry (they are refused as expired).
+async fn purge_loop(state: AppState) {
+    let mut tick = tokio::time::interval(PURGE_EVERY);
+    loop {
+        tick.tick().await;
+        if let Err(e) = state.db.purge_idempotency_keys().await {
+            tracing::warn!(error = %e, "purging idempotency keys failed");
+        }
+        if let Err(e) = state.db.purge_revoked_tokens().await {
+            tracing::warn!(error = %e, "purging revoked tokens failed");
+        }
+    }
 }
 
 async fn receipt_loop(state: AppState) {

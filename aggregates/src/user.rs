@@ -4,6 +4,8 @@
 //! requests (the loser of the race hits an optimistic-concurrency conflict and re-checks).
 //! TOTP secrets never appear here: events name a `secret_id`, and [`MfaVerifier`] resolves it.
 //! Roles (e.g. `auditor`) are granted and revoked by an operator, as events on the user.
+//! Sessions: a password change or an MFA replacement ends every session issued before it (the
+//! read side counts them into a token version), and a logout ends one session by its token id.
 //!
 //! Wrong codes are counted: every command that checks a code records a wrong one as
 //! `MfaCodeRejected` (the command *succeeds*, since cqrs-es stores nothing when `handle`
@@ -53,6 +55,18 @@ pub enum UserCommand {
     GrantRole { role: Role, now: OffsetDateTime },
     /// An operator revokes a role.
     RevokeRole { role: Role, now: OffsetDateTime },
+    /// The password was changed (the new hash is stored outside events). With MFA enabled a
+    /// current code is required and spent.
+    ChangePassword {
+        code: Option<String>,
+        now: OffsetDateTime,
+    },
+    /// End one session: the access token `token_id` (its `jti`) is refused from now on.
+    Logout {
+        token_id: String,
+        token_expires_at: OffsetDateTime,
+        now: OffsetDateTime,
+    },
 }
 
 /// Extra capabilities a user can hold.
@@ -127,6 +141,19 @@ pub enum UserEvent {
         #[serde(with = "time::serde::rfc3339")]
         revoked_at: OffsetDateTime,
     },
+    /// Every access token issued before this is refused (no secret material here).
+    PasswordChanged {
+        #[serde(with = "time::serde::rfc3339")]
+        changed_at: OffsetDateTime,
+    },
+    /// The access token `token_id` is refused until it would have expired anyway.
+    LoggedOut {
+        token_id: String,
+        #[serde(with = "time::serde::rfc3339")]
+        token_expires_at: OffsetDateTime,
+        #[serde(with = "time::serde::rfc3339")]
+        logged_out_at: OffsetDateTime,
+    },
 }
 
 impl DomainEvent for UserEvent {
@@ -140,6 +167,8 @@ impl DomainEvent for UserEvent {
             Self::MfaLockedOut { .. } => "MfaLockedOut",
             Self::RoleGranted { .. } => "RoleGranted",
             Self::RoleRevoked { .. } => "RoleRevoked",
+            Self::PasswordChanged { .. } => "PasswordChanged",
+            Self::LoggedOut { .. } => "LoggedOut",
         }
         .to_owned()
     }
@@ -161,7 +190,7 @@ pub enum UserError {
     AlreadyRegistered,
     #[error("MFA is not enabled for this account")]
     MfaNotEnabled,
-    #[error("MFA is already enabled: a current code is required to replace it")]
+    #[error("MFA is enabled: a current code from it is required for this change")]
     MfaCodeRequired,
     #[error("no MFA setup is pending: call setup_mfa first")]
     NoPendingMfa,
@@ -418,6 +447,43 @@ impl Aggregate for User {
                 };
                 sink.write(event, self).await;
             }
+            UserCommand::ChangePassword { code, now } => {
+                match (self.active_secret_id.clone(), code) {
+                    (Some(active), Some(code)) => {
+                        let purpose = "change_password".to_owned();
+                        let step = match self.check_code(verifier, &active, &code, now).await? {
+                            CodeCheck::Accepted(step) => step,
+                            CodeCheck::Wrong => {
+                                self.reject_code(purpose, now, sink).await;
+                                return Ok(());
+                            }
+                        };
+                        let accepted = UserEvent::MfaCodeAccepted {
+                            step,
+                            purpose,
+                            accepted_at: now,
+                        };
+                        sink.write(accepted, self).await;
+                    }
+                    (Some(_), None) => return Err(UserError::MfaCodeRequired),
+                    (None, Some(_)) => return Err(UserError::MfaNotEnabled),
+                    (None, None) => {}
+                }
+                let event = UserEvent::PasswordChanged { changed_at: now };
+                sink.write(event, self).await;
+            }
+            UserCommand::Logout {
+                token_id,
+                token_expires_at,
+                now,
+            } => {
+                let event = UserEvent::LoggedOut {
+                    token_id,
+                    token_expires_at,
+                    logged_out_at: now,
+                };
+                sink.write(event, self).await;
+            }
         }
         Ok(())
     }
@@ -452,6 +518,7 @@ impl Aggregate for User {
             UserEvent::RoleRevoked { role, .. } => {
                 self.roles.remove(&role);
             }
+            UserEvent::PasswordChanged { .. } | UserEvent::LoggedOut { .. } => {}
         }
     }
 }
@@ -874,6 +941,76 @@ mod tests {
         framework()
             .given_no_previous_events()
             .when(grant(Role::Auditor))
+            .then_expect_error(UserError::NotFound);
+    }
+
+    #[test]
+    fn changing_the_password_spends_a_code_when_mfa_is_enabled() {
+        let change = |code: Option<&str>| UserCommand::ChangePassword {
+            code: code.map(str::to_owned),
+            now: NOW,
+        };
+        let changed = UserEvent::PasswordChanged { changed_at: NOW };
+        framework()
+            .given(vec![registered()])
+            .when(change(None))
+            .then_expect_events(vec![changed.clone()]);
+        framework()
+            .given(vec![registered()])
+            .when(change(Some("s100-A")))
+            .then_expect_error(UserError::MfaNotEnabled);
+        let with_mfa = vec![registered(), started("A"), enabled("A", 99)];
+        framework()
+            .given(with_mfa.clone())
+            .when(change(None))
+            .then_expect_error(UserError::MfaCodeRequired);
+        framework()
+            .given(with_mfa.clone())
+            .when(change(Some("s100-B")))
+            .then_expect_events(vec![UserEvent::MfaCodeRejected {
+                purpose: "change_password".into(),
+                failures: 1,
+                rejected_at: NOW,
+            }]);
+        framework()
+            .given(with_mfa.clone())
+            .when(change(Some("s99-A")))
+            .then_expect_error(UserError::MfaCodeReplayed);
+        framework()
+            .given(with_mfa)
+            .when(change(Some("s100-A")))
+            .then_expect_events(vec![
+                UserEvent::MfaCodeAccepted {
+                    step: 100,
+                    purpose: "change_password".into(),
+                    accepted_at: NOW,
+                },
+                changed,
+            ]);
+    }
+
+    #[test]
+    fn a_logout_records_the_token_it_ends() {
+        let expires = datetime!(2026-01-01 12:15 UTC);
+        framework()
+            .given(vec![registered()])
+            .when(UserCommand::Logout {
+                token_id: "jti-1".into(),
+                token_expires_at: expires,
+                now: NOW,
+            })
+            .then_expect_events(vec![UserEvent::LoggedOut {
+                token_id: "jti-1".into(),
+                token_expires_at: expires,
+                logged_out_at: NOW,
+            }]);
+        framework()
+            .given_no_previous_events()
+            .when(UserCommand::Logout {
+                token_id: "jti-1".into(),
+                token_expires_at: expires,
+                now: NOW,
+            })
             .then_expect_error(UserError::NotFound);
     }
 

@@ -361,6 +361,10 @@ pub struct UserView {
     /// existed.
     #[serde(default)]
     pub roles: Vec<String>,
+    /// Password changes plus MFA replacements so far: access tokens carry the version they
+    /// were issued under and are refused once it is behind (absent in older documents).
+    #[serde(default)]
+    pub token_version: u64,
     /// Wrong MFA codes in a row (reset by an accepted code and by a lockout).
     #[serde(default)]
     pub mfa_failed_attempts: u32,
@@ -396,6 +400,7 @@ impl View for UserView {
             mfa_pending: false,
             registered_at: rfc3339(registered_at),
             roles: vec![],
+            token_version: 0,
             mfa_failed_attempts: 0,
             mfa_locked_until: None,
         })
@@ -404,11 +409,18 @@ impl View for UserView {
     fn update(&mut self, event: UserEvent, _: &StoredEvent) {
         match event {
             UserEvent::MfaSetupStarted { .. } => self.mfa_pending = true,
-            UserEvent::MfaEnabled { .. } => {
+            UserEvent::MfaEnabled {
+                replaced_secret_id, ..
+            } => {
                 self.mfa_enabled = true;
                 self.mfa_pending = false;
                 self.mfa_failed_attempts = 0;
+                if replaced_secret_id.is_some() {
+                    self.token_version += 1;
+                }
             }
+            UserEvent::PasswordChanged { .. } => self.token_version += 1,
+            UserEvent::LoggedOut { .. } => {}
             UserEvent::RoleGranted { role, .. } => {
                 if !self.has_role(role) {
                     self.roles.push(role.as_str().to_owned());
@@ -524,6 +536,34 @@ mod tests {
         assert_eq!(doc.status.as_deref(), Some("revoked"));
         let view: ApiKeyView = serde_json::from_value(doc.payload).unwrap();
         assert!(view.is_revoked());
+    }
+
+    #[test]
+    fn password_changes_and_mfa_replacements_advance_the_token_version() {
+        let at = "2026-01-01T00:00:00Z";
+        let events = [
+            json!({"UserRegistered": {"user_id": "u1", "username": "Alice",
+                "username_key": "alice", "registered_at": at}}),
+            json!({"MfaSetupStarted": {"secret_id": "A", "started_at": at}}),
+            // The first enrolment replaces nothing: sessions continue.
+            json!({"MfaEnabled": {"secret_id": "A", "step": 1, "replaced_secret_id": null,
+                "enabled_at": at}}),
+            json!({"LoggedOut": {"token_id": "j1", "token_expires_at": at, "logged_out_at": at}}),
+            json!({"PasswordChanged": {"changed_at": at}}),
+            json!({"MfaSetupStarted": {"secret_id": "B", "started_at": at}}),
+            json!({"MfaEnabled": {"secret_id": "B", "step": 2, "replaced_secret_id": "A",
+                "enabled_at": at}}),
+        ];
+        let mut doc = None;
+        let mut versions = vec![];
+        for (i, payload) in events.into_iter().enumerate() {
+            let event = stored(i as i64 + 1, "User", "u1", payload);
+            let next = apply(ViewKind::User, doc, &event).unwrap();
+            let view: UserView = serde_json::from_value(next.payload.clone()).unwrap();
+            versions.push(view.token_version);
+            doc = Some(next.payload);
+        }
+        assert_eq!(versions, [0, 0, 0, 0, 1, 1, 2]);
     }
 
     #[test]

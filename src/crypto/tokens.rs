@@ -1,5 +1,6 @@
 //! Bearer credentials: HS256 JWTs for users, random API keys for agents.
 
+use hmac::{Hmac, Mac};
 use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use rand::RngCore;
 use secrecy::{ExposeSecret, SecretString};
@@ -26,7 +27,11 @@ pub struct Claims {
     pub aud: String,
     pub iat: i64,
     pub exp: i64,
+    /// Token id: a logout revokes this one token.
     pub jti: String,
+    /// The user's token version at issue; tokens behind the current version (after a
+    /// password change or MFA replacement) are refused by the HTTP layer.
+    pub ver: u64,
 }
 
 /// Signing and verification keys for user access tokens.
@@ -35,6 +40,8 @@ pub struct JwtKeys {
     decoding: DecodingKey,
     validation: Validation,
     ttl_secs: i64,
+    /// Keys request fingerprints (see [`JwtKeys::fingerprint`]); derived, never the secret.
+    fingerprint_key: Zeroizing<[u8; 32]>,
 }
 
 impl JwtKeys {
@@ -44,23 +51,42 @@ impl JwtKeys {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_issuer(&[ISSUER]);
         validation.set_audience(&[AUDIENCE]);
+        // `jti` and `ver` are not spec claims; serde requires them (no defaults).
         validation.set_required_spec_claims(&["exp", "iat", "sub", "iss", "aud"]);
         validation.leeway = 0;
         validation.validate_exp = true;
         validation.validate_nbf = true;
+        let mut derive = Hmac::<Sha256>::new_from_slice(bytes).expect("HMAC takes any key");
+        derive.update(b"countersign/request-fingerprint-key/v1");
+        let fingerprint_key = Zeroizing::new(derive.finalize().into_bytes().into());
         Self {
             encoding: EncodingKey::from_secret(bytes),
             decoding: DecodingKey::from_secret(bytes),
             validation,
             ttl_secs: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX / 2),
+            fingerprint_key,
         }
+    }
+
+    /// A keyed digest (HMAC-SHA256, hex) of length-prefixed `parts`, under a key derived from
+    /// the server secret: stored request fingerprints may cover passwords and MFA codes, and
+    /// a plain hash of those could be guessed offline by someone reading the database.
+    pub fn fingerprint(&self, label: &str, parts: &[&[u8]]) -> String {
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(self.fingerprint_key.as_slice()).expect("any key");
+        for part in std::iter::once(label.as_bytes()).chain(parts.iter().copied()) {
+            mac.update(&(part.len() as u64).to_be_bytes());
+            mac.update(part);
+        }
+        hex::encode(mac.finalize().into_bytes())
     }
 
     pub fn ttl_secs(&self) -> i64 {
         self.ttl_secs
     }
 
-    pub fn issue(&self, user_id: &str) -> Result<SecretString, TokenError> {
+    /// A token for `user_id` under the user's current `token_version`.
+    pub fn issue(&self, user_id: &str, token_version: u64) -> Result<SecretString, TokenError> {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         let claims = Claims {
             sub: user_id.to_owned(),
@@ -69,6 +95,7 @@ impl JwtKeys {
             iat: now,
             exp: now + self.ttl_secs,
             jti: uuid::Uuid::new_v4().to_string(),
+            ver: token_version,
         };
         encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .map(SecretString::from)
@@ -134,9 +161,12 @@ mod tests {
     #[test]
     fn issued_tokens_verify_and_tampered_ones_do_not() {
         let k = keys();
-        let token = k.issue("user-1").unwrap();
+        let token = k.issue("user-1", 3).unwrap();
         let claims = k.verify(token.expose_secret()).unwrap();
         assert_eq!(claims.sub, "user-1");
+        assert_eq!(claims.ver, 3);
+        let other = k.verify(k.issue("user-1", 3).unwrap().expose_secret());
+        assert_ne!(other.unwrap().jti, claims.jti, "every token has its own id");
         let mut forged = token.expose_secret().to_owned();
         forged.pop();
         assert!(k.verify(&forged).is_err());
@@ -145,6 +175,20 @@ mod tests {
             std::time::Duration::from_secs(60),
         );
         assert!(other.verify(token.expose_secret()).is_err());
+    }
+
+    #[test]
+    fn fingerprints_are_keyed_and_length_prefixed() {
+        let k = keys();
+        let a = k.fingerprint("t", &[b"POST", b"/x", b"ab"]);
+        assert_eq!(a, k.fingerprint("t", &[b"POST", b"/x", b"ab"]));
+        assert_ne!(a, k.fingerprint("t", &[b"POST", b"/xa", b"b"]));
+        assert_ne!(a, k.fingerprint("u", &[b"POST", b"/x", b"ab"]));
+        let other = JwtKeys::new(
+            &SecretString::from("another-secret-that-is-long-enough-for-hs256"),
+            std::time::Duration::from_secs(60),
+        );
+        assert_ne!(a, other.fingerprint("t", &[b"POST", b"/x", b"ab"]));
     }
 
     #[test]

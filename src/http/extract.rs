@@ -127,6 +127,10 @@ pub struct AuthUser {
     pub user_id: String,
     /// When the access token expires (unix seconds).
     pub expires_at: i64,
+    /// The token's id (`jti`): what a logout revokes.
+    pub token_id: String,
+    /// The user's token version the token was issued under.
+    pub token_version: u64,
 }
 
 impl AuthUser {
@@ -156,9 +160,13 @@ impl FromRequestParts<AppState> for AuthUser {
             .jwt
             .verify(token)
             .map_err(|_| ApiError::unauthorized("invalid or expired token"))?;
+        // Logged out, or issued before a password change or MFA replacement: 401.
+        super::sessions::check_session(state, &claims.sub, &claims.jti, claims.ver).await?;
         Ok(Self {
             user_id: claims.sub,
             expires_at: claims.exp,
+            token_id: claims.jti,
+            token_version: claims.ver,
         })
     }
 }

@@ -4,6 +4,8 @@ mod api_keys;
 mod audit;
 mod error;
 mod extract;
+mod idempotency;
+mod sessions;
 mod transactions;
 mod transfers;
 mod users;
@@ -40,6 +42,8 @@ pub fn router(state: AppState) -> Router {
         .route("/me", get(users::me))
         .route("/setup_mfa", post(users::setup_mfa))
         .route("/confirm_mfa", post(users::confirm_mfa))
+        .route("/change_password", post(sessions::change_password))
+        .route("/logout", post(sessions::logout))
         .route("/create_wallet", post(wallets::create_wallet))
         .route("/wallets", get(wallets::list_wallets))
         .route("/load_wallet", post(wallets::load_wallet))

@@ -6,6 +6,7 @@ use aggregates::{Address, Amount, HexBytes, Initiator, PrepareTransaction, Trans
 use alloy::json_abi::Function;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use axum::response::Response;
 use axum::Json;
 use projections::{TransactionView, ViewKind};
 use serde::Deserialize;
@@ -15,6 +16,7 @@ use uuid::Uuid;
 
 use super::error::{ApiError, ApiResult};
 use super::extract::{ApiJson, ApiQuery, AuthAgent, AuthUser, Bounded, Caller, MfaCode, RequestId};
+use super::idempotency::{Idempotent, Scope};
 use super::users::use_mfa_code;
 use super::wallets::visible_wallet;
 use crate::abi::{encode_call, ContractAbi};
@@ -253,7 +255,18 @@ pub async fn prepare(
     State(state): State<AppState>,
     agent: AuthAgent,
     RequestId(request_id): RequestId,
-    ApiJson(body): ApiJson<PrepareRequest>,
+    Idempotent { key, body }: Idempotent<PrepareRequest>,
+) -> Response {
+    let scope = Scope::agent(&agent);
+    let work = prepare_once(state.clone(), agent, request_id, body);
+    key.run(&state, scope, work).await
+}
+
+async fn prepare_once(
+    state: AppState,
+    agent: AuthAgent,
+    request_id: String,
+    body: PrepareRequest,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     if let Some(user_id) = &body.user_id {
         if *user_id != agent.key.owner_user_id {
@@ -536,7 +549,18 @@ pub async fn execute(
     State(state): State<AppState>,
     agent: AuthAgent,
     RequestId(request_id): RequestId,
-    ApiJson(body): ApiJson<ExecuteRequest>,
+    Idempotent { key, body }: Idempotent<ExecuteRequest>,
+) -> Response {
+    let scope = Scope::agent(&agent);
+    let work = execute_once(state.clone(), agent, request_id, body);
+    key.run(&state, scope, work).await
+}
+
+async fn execute_once(
+    state: AppState,
+    agent: AuthAgent,
+    request_id: String,
+    body: ExecuteRequest,
 ) -> ApiResult<Json<Value>> {
     let id = body.transaction_id.to_string();
     let caller = Caller::Agent(agent);

@@ -7,6 +7,7 @@
 use aggregates::{Address, Amount, HexBytes, Initiator, SimulationOutcome, TransactionCommand};
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::response::Response;
 use axum::Json;
 use projections::{TransactionView, ViewKind};
 use serde::Deserialize;
@@ -14,7 +15,8 @@ use serde_json::{json, Value};
 use time::OffsetDateTime;
 
 use super::error::{ApiError, ApiResult};
-use super::extract::{ApiJson, AuthUser, Bounded, Caller, MfaCode, Password, RequestId};
+use super::extract::{AuthUser, Bounded, Caller, MfaCode, Password, RequestId};
+use super::idempotency::{Idempotent, Scope};
 use super::transactions::{not_zero, record_authorization, record_prepared, CallData, Prompt};
 use super::users::{require_password, use_mfa_code};
 use super::wallets::visible_wallet;
@@ -83,8 +85,9 @@ pub async fn transfer(
     State(state): State<AppState>,
     user: AuthUser,
     RequestId(request_id): RequestId,
-    ApiJson(body): ApiJson<TransferRequest>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+    Idempotent { key, body }: Idempotent<TransferRequest>,
+) -> ApiResult<Response> {
+    let scope = Scope::user(&user);
     let call = Call::native(not_zero(body.to_address, "to_address")?, body.amount);
     let request = Request {
         user,
@@ -95,15 +98,16 @@ pub async fn transfer(
         memo: body.memo,
         purpose: "transfer",
     };
-    run(&state, request, call).await
+    Ok(key.run(&state, scope, run(&state, request, call)).await)
 }
 
 pub async fn transfer_erc20(
     State(state): State<AppState>,
     user: AuthUser,
     RequestId(request_id): RequestId,
-    ApiJson(body): ApiJson<TransferErc20Request>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+    Idempotent { key, body }: Idempotent<TransferErc20Request>,
+) -> ApiResult<Response> {
+    let scope = Scope::user(&user);
     let call = Call::erc20_transfer(
         not_zero(body.token_address, "token_address")?,
         not_zero(body.to_address, "to_address")?,
@@ -118,14 +122,29 @@ pub async fn transfer_erc20(
         memo: body.memo,
         purpose: "transfer_erc20",
     };
-    run(&state, request, call).await
+    Ok(key.run(&state, scope, run(&state, request, call)).await)
 }
 
 pub async fn contract_call(
     State(state): State<AppState>,
     user: AuthUser,
     RequestId(request_id): RequestId,
-    ApiJson(body): ApiJson<ContractCallRequest>,
+    Idempotent { key, body }: Idempotent<ContractCallRequest>,
+) -> Response {
+    let scope = Scope::user(&user);
+    key.run(
+        &state,
+        scope,
+        contract_call_once(&state, user, request_id, body),
+    )
+    .await
+}
+
+async fn contract_call_once(
+    state: &AppState,
+    user: AuthUser,
+    request_id: String,
+    body: ContractCallRequest,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let (data, abi) = CallData {
         data: body.data.as_ref(),
@@ -150,7 +169,7 @@ pub async fn contract_call(
         memo: body.memo,
         purpose: "contract_call",
     };
-    run(&state, request, call).await
+    run(state, request, call).await
 }
 
 /// Check the wallet, the password and the simulation (nothing recorded and no code spent if

@@ -5,7 +5,6 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use projections::{UserView, ViewKind};
-use secrecy::ExposeSecret;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use time::OffsetDateTime;
@@ -114,12 +113,7 @@ pub async fn login(
         (true, Some(id)) => id,
         _ => return Err(ApiError::unauthorized("invalid username or password")),
     };
-    let token = state.jwt.issue(&user_id).map_err(ApiError::internal)?;
-    Ok(Json(json!({
-        "access_token": token.expose_secret(),
-        "token_type": "Bearer",
-        "expires_in": state.jwt.ttl_secs(),
-    })))
+    Ok(Json(super::sessions::issue_token(&state, &user_id).await?))
 }
 
 /// Append a `LoginSucceeded` / `LoginFailed` event on a fresh `SecurityLog` instance.
@@ -225,7 +219,7 @@ pub async fn setup_mfa(
     })))
 }
 
-fn mfa_field(e: ApiError) -> ApiError {
+pub(super) fn mfa_field(e: ApiError) -> ApiError {
     if e.status == StatusCode::FORBIDDEN {
         e.with_field("mfa_code")
     } else {
@@ -250,7 +244,9 @@ pub async fn confirm_mfa(
         now: OffsetDateTime::now_utc(),
     };
     execute_code_command(&state, &user, command, &request_id).await?;
-    Ok(Json(json!({"mfa_enabled": true})))
+    // A replaced MFA ends every earlier session, this one included: it gets a new token.
+    let body = super::sessions::with_renewed_token(&state, &user, json!({"mfa_enabled": true}));
+    Ok(Json(body.await?))
 }
 
 /// Spend one MFA code for `purpose` (the step then cannot be used again).

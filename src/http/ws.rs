@@ -19,7 +19,7 @@ use super::error::{ApiError, ApiResult};
 use super::extract::{ApiQuery, Caller};
 use super::transactions::visible_transaction;
 use crate::app::AppState;
-use crate::push::{Outgoing, Principal, Subscription, CLOSE_EXPIRED, CLOSE_TOO_SLOW};
+use crate::push::{Outgoing, Principal, Subscription, TicketToken, CLOSE_EXPIRED, CLOSE_TOO_SLOW};
 
 const TICKET_TTL_SECS: i64 = 30;
 const PING_EVERY: Duration = Duration::from_secs(20);
@@ -41,12 +41,16 @@ pub async fn issue_ticket(
     State(state): State<AppState>,
     caller: Caller,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    let (principal, session_expires_at) = match &caller {
+    let (principal, session_expires_at, token) = match &caller {
         Caller::User(u) => (
             user_principal(&state, &u.user_id).await?,
             Some(u.expires_at),
+            Some(TicketToken {
+                token_id: u.token_id.clone(),
+                token_version: u.token_version,
+            }),
         ),
-        Caller::Agent(a) => (Principal::Agent(a.key.api_key_id.clone()), None),
+        Caller::Agent(a) => (Principal::Agent(a.key.api_key_id.clone()), None, None),
     };
     let mut bytes = zeroize::Zeroizing::new([0u8; 32]);
     rand::rngs::OsRng.fill_bytes(bytes.as_mut_slice());
@@ -58,6 +62,7 @@ pub async fn issue_ticket(
             &principal,
             now_unix() + TICKET_TTL_SECS,
             session_expires_at,
+            token.as_ref(),
         )
         .await?;
     Ok((
@@ -87,6 +92,8 @@ async fn user_principal(state: &AppState, user_id: &str) -> ApiResult<Principal>
 struct WsAuth {
     principal: Principal,
     expires_at: Option<i64>,
+    /// The access token (`jti`) of a user's socket: a logout of it closes the socket.
+    token_id: Option<String>,
 }
 
 async fn authenticate(
@@ -95,28 +102,39 @@ async fn authenticate(
     ticket: Option<&str>,
 ) -> ApiResult<WsAuth> {
     if let Some(ticket) = ticket {
-        let (principal, session_expires_at) = state
+        let (principal, session_expires_at, token) = state
             .db
             .take_ws_ticket(&ticket_hash(ticket), now_unix())
             .await?
             .ok_or_else(|| ApiError::unauthorized("invalid, used or expired ticket"))?;
-        if let Principal::Agent(key) = &principal {
+        match (&principal, &token) {
             // The key may have been revoked since the ticket was issued.
-            super::extract::agent_by_id(state, key).await?;
+            (Principal::Agent(key), _) => {
+                super::extract::agent_by_id(state, key).await?;
+            }
+            // And the token logged out, or ended by a password change or MFA replacement.
+            (Principal::User(user_id) | Principal::Auditor(user_id), Some(t)) => {
+                super::sessions::check_session(state, user_id, &t.token_id, t.token_version)
+                    .await?;
+            }
+            (_, None) => {}
         }
         return Ok(WsAuth {
             principal,
             expires_at: session_expires_at,
+            token_id: token.map(|t| t.token_id),
         });
     }
     match Caller::from_request_parts(parts, state).await? {
         Caller::User(u) => Ok(WsAuth {
             principal: user_principal(state, &u.user_id).await?,
             expires_at: Some(u.expires_at),
+            token_id: Some(u.token_id),
         }),
         Caller::Agent(a) => Ok(WsAuth {
             principal: Principal::Agent(a.key.api_key_id),
             expires_at: None,
+            token_id: None,
         }),
     }
 }
@@ -163,7 +181,9 @@ pub async fn ws(State(state): State<AppState>, request: WsRequest) -> Response {
         .write_buffer_size(0)
         .max_message_size(16 * 1024)
         .on_upgrade(move |socket| async move {
-            let subscription = state.hub.subscribe(auth.principal.clone());
+            let subscription = state
+                .hub
+                .subscribe_session(auth.principal.clone(), auth.token_id.clone());
             let id = subscription.id;
             if let Err(e) = serve_socket(&state, socket, auth, after, subscription).await {
                 tracing::debug!(error = %e, "socket ended");

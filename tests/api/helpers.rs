@@ -262,6 +262,7 @@ pub fn test_config(database_url: &str, chain_url: &str, master_key_b64: &str, jw
         default_expiry: Duration::from_secs(900),
         poll_interval: Duration::from_millis(100),
         max_fee_per_gas_cap: None,
+        idempotency_ttl: Duration::from_secs(86_400),
         crash_after_sign_for_tests: false,
         metrics: Default::default(),
         limits: Default::default(),

@@ -8,6 +8,7 @@ mod docs;
 mod faults;
 mod flow;
 mod helpers;
+mod idempotency;
 mod kinds;
 mod limits;
 mod metrics;
@@ -16,6 +17,7 @@ mod nodes;
 mod projections;
 mod push;
 mod security;
+mod sessions;
 
 /// Generate a `_sqlite` and a `_postgres` test from `async fn name(backend: Backend)`.
 /// The Postgres variant is skipped (and says so) without `TEST_DATABASE_URL`.

@@ -46,7 +46,7 @@ fn unix_now() -> i64 {
 fn good_claims(sub: &str) -> Value {
     let now = unix_now();
     json!({"sub": sub, "iss": "countersign", "aud": "countersign-api", "iat": now,
-           "exp": now + 600, "jti": uuid::Uuid::new_v4().to_string()})
+           "exp": now + 600, "jti": uuid::Uuid::new_v4().to_string(), "ver": 0})
 }
 
 fn sign(alg: Algorithm, secret: &str, claims: &Value) -> String {
@@ -350,6 +350,8 @@ async fn replacement_mfa_secret_becomes_active_only_after_confirmation(backend: 
         .post("/api/confirm_mfa", &user.auth(), json!({"mfa_code": code}))
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
+    // The replacement ended every earlier session; this one goes on with a new token.
+    user.token = body["access_token"].as_str().unwrap().to_owned();
     let profile = me(&app, &user).await;
     assert_eq!(profile["mfa_enabled"], true);
     assert_eq!(profile["mfa_pending"], false);
