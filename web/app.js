@@ -318,10 +318,11 @@ function noteServerClock(response) {
 
 async function api(method, path, body, { auth = true } = {}) {
   const epoch = session.epoch;
+  const token = session.token;
   const headers = { 'Content-Type': 'application/json', Accept: 'application/json' };
   if (auth) {
-    if (!session.token) throw new StaleError('signed out');
-    headers.Authorization = `Bearer ${session.token}`;
+    if (!token) throw new StaleError('signed out');
+    headers.Authorization = `Bearer ${token}`;
   }
   let response;
   try {
@@ -351,6 +352,8 @@ async function api(method, path, body, { auth = true } = {}) {
     }
     return payload;
   }
+  // Sent with a token this page has since replaced (see renewToken): not the session's end.
+  if (response.status === 401 && auth && token !== session.token) throw new StaleError('token renewed');
   if (response.status === 401 && auth) {
     expireSession('Your session has expired. Please log in again.');
     throw new StaleError('session expired');
@@ -515,9 +518,34 @@ function expireSession(message) {
   showLogin(message, username);
 }
 
-function logout() {
+// Ends the token on the server too (a copy of it stops working), then forgets it here.
+async function logout() {
+  const token = session.token;
   resetSession();
   showLogin('You have logged out.');
+  if (!token) return;
+  try {
+    const response = await fetch('/api/logout', {
+      method: 'POST',
+      headers: { Authorization: `Bearer ${token}` },
+      cache: 'no-store',
+      credentials: 'omit',
+    });
+    if (!response.ok && response.status !== 401) throw new Error(`status ${response.status}`);
+  } catch {
+    setMsg($('#auth-msg'), 'You have logged out here, but the server could not be told: '
+      + 'the session ends by itself when it expires.', 'info');
+  }
+}
+
+// Carry on with a new token (the server ended the old one, e.g. after an MFA replacement).
+function renewToken(token, expiresIn) {
+  session.token = token;
+  clearTimeout(session.expiryTimer);
+  clearTimeout(session.warnTimer);
+  scheduleSessionEnd(expiresIn);
+  stopLive();
+  connectLive();
 }
 
 async function loadEverything() {
@@ -630,7 +658,9 @@ function clearMfaSecret() {
 
 async function submitMfaConfirm(form) {
   const code = readCode($('#mfa-confirm-code'));
-  await api('POST', '/api/confirm_mfa', { mfa_code: code });
+  const res = await api('POST', '/api/confirm_mfa', { mfa_code: code });
+  // Replacing MFA ends every earlier session; this one goes on with the token it returned.
+  if (res && typeof res.access_token === 'string') renewToken(res.access_token, res.expires_in);
   const replaced = Boolean(session.me.mfa_enabled);
   form.reset();
   clearMfaSecret();
@@ -1312,7 +1342,12 @@ function onLiveClose(ws, event) {
     return;
   }
   if (event.code === 4003) {
-    expireSession('Access was revoked. Please log in again.');
+    // A session ended (logout, password change, MFA replacement). If it was not this page's
+    // current token (already renewed), reconnect; if it was, the check signs the page out.
+    api('GET', '/api/me').then(
+      () => scheduleReconnect(true),
+      (err) => { if (!(err instanceof StaleError)) scheduleReconnect(); },
+    );
     return;
   }
   // 4008: the server dropped us for reading too slowly; resuming at once loses nothing, but

@@ -110,16 +110,17 @@ function totpAt(secret, step) {
   return String((h.readUInt32BE(o) & 0x7fffffff) % 1_000_000).padStart(6, '0');
 }
 
-function codeSource(secret) {
-  let last = 0;
+// `spent` is shared between the secrets of one user: the server accepts each time step once
+// per user, whichever secret produced the code.
+function codeSource(secret, spent = { last: 0 }) {
   return async () => {
     for (;;) {
       const now = Math.floor(Date.now() / 1000);
       const step = Math.floor(now / 30);
       const earliest = now % 30 < 25 ? step - 1 : step;
-      const next = Math.max(last + 1, earliest);
+      const next = Math.max(spent.last + 1, earliest);
       if (next <= step + 1) {
-        last = next;
+        spent.last = next;
         return totpAt(secret, next);
       }
       await sleep(500);
@@ -147,6 +148,9 @@ test('a person approves an agent transaction live in the web page', { timeout: 1
   page.on('console', (m) => {
     if (m.type() === 'error' && !/Failed to load resource/.test(m.text())) problems.push(`console: ${m.text()}`);
   });
+  // The page's bearer token (it keeps it in memory only), to check the logout on the server.
+  let lastAuth = null;
+  page.on('request', (r) => { lastAuth = r.headers().authorization || lastAuth; });
 
   const response = await page.goto(server.base);
   const csp = response.headers()['content-security-policy'];
@@ -166,7 +170,8 @@ test('a person approves an agent transaction live in the web page', { timeout: 1
   const secret = (await secretBox.textContent()).trim();
   assert.match(secret, /^[A-Z2-7]{16,}$/);
   assert.ok(await page.locator('#mfa-qr').isVisible(), 'QR code is shown');
-  const freshCode = codeSource(secret);
+  const spentSteps = { last: 0 };
+  const freshCode = codeSource(secret, spentSteps);
   await page.getByTestId('mfa-confirm-code').fill(await freshCode());
   await page.getByTestId('mfa-confirm').click();
   await page.getByTestId('mfa-state').filter({ hasText: /on|enabled|active/i }).waitFor();
@@ -243,5 +248,40 @@ test('a person approves an agent transaction live in the web page', { timeout: 1
 
   mkdirSync(join(ROOT, 'test-artifacts'), { recursive: true });
   await page.screenshot({ path: join(ROOT, 'test-artifacts/approval-e2e.png'), fullPage: true });
+
+  // Replacing the authenticator ends every earlier token; the page goes on with the new token
+  // the confirmation returned, and its live socket with it.
+  const before = lastAuth;
+  await page.getByTestId('mfa-replace').click();
+  await page.getByTestId('mfa-current-code').fill(await freshCode());
+  await page.getByTestId('mfa-password').fill(PASSWORD);
+  await page.getByTestId('mfa-start').click();
+  const replacementBox = page.getByTestId('mfa-secret').filter({ hasText: /[A-Z2-7]{16}/ });
+  await replacementBox.waitFor();
+  const replacement = (await replacementBox.textContent()).trim();
+  assert.notEqual(replacement, secret);
+  await page.getByTestId('mfa-confirm-code').fill(await codeSource(replacement, spentSteps)());
+  await page.getByTestId('mfa-confirm').click();
+  await page.getByTestId('mfa-state').filter({ hasText: /on|enabled|active/i }).waitFor();
+  const ended = await fetch(`${server.base}/api/me`, { headers: { authorization: before } });
+  assert.equal(ended.status, 401);
+  const later = await agent('/api/prepare_transaction', { wallet_address: wallet, kind: 'native', to: recipient, value: '3000' });
+  assert.equal(later.status, 201, JSON.stringify(later.body));
+  await page.locator(`[data-testid="prompt"][data-transaction-id="${later.body.transaction_id}"]`)
+    .waitFor({ timeout: 10_000 });
+  assert.ok(await page.getByTestId('logout').isVisible(), 'still signed in');
+  assert.notEqual(lastAuth, before);
+
+  // Logging out ends the token on the server too, not only in the page.
+  assert.match(lastAuth, /^Bearer /);
+  const [loggedOut] = await Promise.all([
+    page.waitForResponse((r) => r.url().endsWith('/api/logout')),
+    page.getByTestId('logout').click(),
+  ]);
+  assert.equal(loggedOut.status(), 204);
+  await page.getByTestId('login-username').waitFor();
+  const stale = await fetch(`${server.base}/api/me`, { headers: { authorization: lastAuth } });
+  assert.equal(stale.status, 401);
+  assert.equal((await stale.json()).error.code, 'token_revoked');
   assert.deepEqual(problems, []);
 });
