@@ -1,6 +1,7 @@
 //! Integration tests: the real server on port 0, real SQLite and Postgres, real anvil.
 //! One test binary (fast to link); each module is a specification of one area.
 
+mod adversarial;
 mod audit;
 mod cli;
 mod concurrency;
