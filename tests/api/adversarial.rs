@@ -1328,6 +1328,7 @@ fn later_cases(fx: &Fixture) -> Vec<Case> {
         post("/api/login").json(json!({"username": username, "password": password}))
     };
     let unknown_key = Cred::Key(format!("csk_{}", hex::encode([7u8; 32])));
+    let change_password = |body: Value| post("/api/change_password").auth(&bob).json(body);
     let prepare_with_key = |key: &str, value: u64| {
         post("/api/prepare_transaction")
             .auth(&bob_agent)
@@ -1401,6 +1402,80 @@ fn later_cases(fx: &Fixture) -> Vec<Case> {
             err(429, "rate_limited"),
         )
         .setup(Setup::Send(get("/api/wallets").auth(&unknown_key), 20, 401)),
+        // ---- Password changes that must not happen ------------------------------------------------
+        case(
+            "password change with a wrong current password",
+            change_password(json!({"current_password": "not my password at all",
+                "new_password": NEW_PASSWORD, "mfa_code": "{code:bob}"})),
+            err_at(403, "invalid_password", "current_password"),
+        ),
+        case(
+            "password change without the MFA code",
+            change_password(json!({"current_password": PASSWORD, "new_password": NEW_PASSWORD})),
+            err_at(403, "mfa_code_required", "mfa_code"),
+        ),
+        case(
+            "password change with a replayed code",
+            post("/api/change_password")
+                .auth(&alice)
+                .json(json!({"current_password": PASSWORD,
+                "new_password": NEW_PASSWORD, "mfa_code": "{spent:alice}"})),
+            err_at(403, "mfa_code_replayed", "mfa_code"),
+        )
+        .setup(Setup::SpentCode(Who::Alice)),
+        case(
+            "password change to a short password",
+            change_password(
+                json!({"current_password": PASSWORD, "new_password": "short",
+                "mfa_code": "{code:bob}"}),
+            ),
+            invalid("new_password"),
+        ),
+        case(
+            "password change to the same password",
+            change_password(
+                json!({"current_password": PASSWORD, "new_password": PASSWORD,
+                "mfa_code": "{code:bob}"}),
+            ),
+            invalid("new_password"),
+        ),
+        case(
+            "password change naming the user",
+            change_password(
+                json!({"current_password": PASSWORD, "new_password": NEW_PASSWORD,
+                "mfa_code": "{code:bob}", "user_id": fx.alice.user_id}),
+            ),
+            invalid("user_id"),
+        ),
+        case(
+            "password change by an agent key",
+            post("/api/change_password")
+                .auth(&bob_agent)
+                .json(json!({"current_password": PASSWORD,
+                "new_password": NEW_PASSWORD})),
+            err(401, "unauthorized"),
+        ),
+        case(
+            "logout with an agent key",
+            post("/api/logout").auth(&bob_agent),
+            err(401, "unauthorized"),
+        ),
+        case(
+            "logout with a token signed by a guessed secret",
+            post("/api/logout").auth(&Cred::Bearer(forge(
+                &hs256(),
+                &claims_of(&fx.bob.token),
+                b"guess",
+            ))),
+            err(401, "unauthorized"),
+        ),
+        case(
+            "a batch naming one transaction twice",
+            post("/api/authorize_transactions")
+                .auth(&bob)
+                .json(json!({"transaction_ids": [tb, tb], "mfa_code": "{code:bob}"})),
+            invalid("transaction_ids[1]"),
+        ),
         // ---- Sessions: logout and password change end tokens -------------------------------------
         case(
             "a logged-out token rejects Bob's transaction",
