@@ -281,14 +281,14 @@ fn metrics_access() -> Result<MetricsAccess, ConfigError> {
 /// (comma-separated keys still accepted for opening, during a rotation); `None` if the master
 /// key is not set.
 pub fn master_key_from_env() -> Result<Option<MasterKey>, ConfigError> {
-    let Some(current) = var("COUNTERSIGN_MASTER_KEY") else {
+    let Some(current) = var("COUNTERSIGN_MASTER_KEY").map(zeroize::Zeroizing::new) else {
         return Ok(None);
     };
     let current = MasterKey::from_base64(&current).map_err(|why| ConfigError::Invalid {
         name: "COUNTERSIGN_MASTER_KEY",
         why,
     })?;
-    let previous = match var("COUNTERSIGN_PREVIOUS_MASTER_KEYS") {
+    let previous = match var("COUNTERSIGN_PREVIOUS_MASTER_KEYS").map(zeroize::Zeroizing::new) {
         None => Vec::new(),
         Some(list) => MasterKey::list_from_base64(&list).map_err(|why| ConfigError::Invalid {
             name: "COUNTERSIGN_PREVIOUS_MASTER_KEYS",

@@ -10,6 +10,7 @@ mod faults;
 mod flow;
 mod helpers;
 mod idempotency;
+mod keys;
 mod kinds;
 mod limits;
 mod metrics;
