@@ -117,7 +117,9 @@ macro_rules! fold_into_views {
         for event in &events {
             if let Some(key) = projections::target(event) {
                 if only.is_none_or(|k| k == key.0) && !docs.contains_key(&key) {
-                    if rebuilt.as_ref().is_none_or(|r| r.contains(&key)) {
+                    // An aggregate's first event creates its view: nothing to look up.
+                    let created_here = event.sequence == 1 && key.1 == event.aggregate_id;
+                    if !created_here && rebuilt.as_ref().is_none_or(|r| r.contains(&key)) {
                         missing.entry(key.0).or_default().push(key.1.clone());
                     }
                     docs.insert(key, (None, None, None, 0));
@@ -532,18 +534,25 @@ impl Projector {
                     }
                 }
             }
-            sqlx::query("UPDATE projection_checkpoints SET position = $1 WHERE name = $2")
+            // One round trip on Postgres: the checkpoint and the wake-up of other nodes' hubs
+            // (delivered at commit).
+            let advance = match backend {
+                Backend::Postgres => {
+                    "WITH advanced AS (UPDATE projection_checkpoints SET position = $1 \
+                     WHERE name = $2) SELECT pg_notify($3, $4)"
+                }
+                Backend::Sqlite => {
+                    "UPDATE projection_checkpoints SET position = $1 WHERE name = $2 \
+                     AND $3 IS NOT NULL AND $4 IS NOT NULL"
+                }
+            };
+            sqlx::query(advance)
                 .bind(last)
                 .bind(CHECKPOINT)
+                .bind(crate::push::VIEWS_CHANNEL)
+                .bind(last.to_string())
                 .execute(&mut *tx)
                 .await?;
-            if backend == Backend::Postgres {
-                sqlx::query("SELECT pg_notify($1, $2)")
-                    .bind(crate::push::VIEWS_CHANNEL)
-                    .bind(last.to_string())
-                    .execute(&mut *tx)
-                    .await?;
-            }
             tx.commit().await?;
             Ok(Appended {
                 after: checkpoint,
