@@ -73,7 +73,7 @@ impl std::ops::Deref for AppState {
 
 impl AppState {
     pub async fn new(config: Config) -> Result<Self, StoreError> {
-        let db = Db::connect(&config.database_url).await?;
+        let db = Db::connect_with(&config.database_url, config.db_max_connections).await?;
         db.migrate().await?;
         crate::crypto::init_passwords();
         let master_key = Arc::new(config.master_key);
@@ -206,7 +206,6 @@ impl Application {
         for w in workers {
             w.abort();
         }
-        self.state.wallet_locks.close().await;
         self.state.db.close().await;
         Ok(())
     }

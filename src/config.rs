@@ -33,6 +33,9 @@ pub enum ConfigError {
 /// Everything the server needs to run.
 pub struct Config {
     pub database_url: String,
+    /// PostgreSQL connections per server process (the pool's size). With several nodes on one
+    /// database, nodes × this must stay below the server's `max_connections`.
+    pub db_max_connections: u32,
     pub chain_url: url::Url,
     /// Bound on every chain RPC (connect, send, answer): a node that accepts connections but
     /// never answers costs a request at most this, then 503 `chain_unavailable`.
@@ -67,6 +70,7 @@ impl std::fmt::Debug for Config {
             .field("database_url", &redact_url(&self.database_url))
             .field("chain_url", &self.chain_url.as_str())
             .field("chain_timeout", &self.chain_timeout)
+            .field("db_max_connections", &self.db_max_connections)
             .field("addr", &self.addr)
             .field("jwt_ttl", &self.jwt_ttl)
             .field("max_fee_per_gas_cap", &self.max_fee_per_gas_cap)
@@ -128,6 +132,16 @@ impl Config {
             name: "WEB3_PROVIDER_URI",
             why: e.to_string(),
         })?;
+        let db_max_connections: u32 = parse_var(
+            "COUNTERSIGN_DB_MAX_CONNECTIONS",
+            crate::store::DEFAULT_MAX_CONNECTIONS,
+        )?;
+        if db_max_connections < crate::store::MIN_CONNECTIONS {
+            return Err(ConfigError::Invalid {
+                name: "COUNTERSIGN_DB_MAX_CONNECTIONS",
+                why: format!("must be at least {}", crate::store::MIN_CONNECTIONS),
+            });
+        }
         let chain_timeout_secs: u64 = parse_var("COUNTERSIGN_CHAIN_TIMEOUT_SECS", 10)?;
         if chain_timeout_secs == 0 {
             return Err(ConfigError::Invalid {
@@ -167,6 +181,7 @@ impl Config {
             database_url: var("DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned()),
             chain_url,
             chain_timeout: Duration::from_secs(chain_timeout_secs),
+            db_max_connections,
             addr: parse_var(
                 "COUNTERSIGN_ADDR",
                 DEFAULT_ADDR.parse().expect("valid default"),

@@ -117,6 +117,11 @@ pub enum Backend {
     Sqlite,
 }
 
+/// PostgreSQL connections per process unless configured (`COUNTERSIGN_DB_MAX_CONNECTIONS`).
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 16;
+/// The smallest pool that leaves room for work besides the wallet locks' sessions.
+pub const MIN_CONNECTIONS: u32 = 4;
+
 /// A pooled PostgreSQL connection idle longer than this is pinged before use.
 const IDLE_PING_AFTER: Duration = Duration::from_secs(1);
 
@@ -131,12 +136,17 @@ impl Db {
     /// Connect to the database named by `url`. The scheme picks the backend; anything else is an
     /// error, never a silent fallback to a fresh embedded database.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_with(url, DEFAULT_MAX_CONNECTIONS).await
+    }
+
+    /// [`connect`](Self::connect) with a PostgreSQL pool of `max_connections`.
+    pub async fn connect_with(url: &str, max_connections: u32) -> Result<Self, StoreError> {
         let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
         match scheme {
             "postgres" | "postgresql" => {
                 let options = PgConnectOptions::from_str(url)?;
                 let pool = PgPoolOptions::new()
-                    .max_connections(16)
+                    .max_connections(max_connections.max(MIN_CONNECTIONS))
                     .acquire_timeout(Duration::from_secs(10))
                     // No ping per checkout under load; a connection that failed is dropped when
                     // released. One idle for a while may have died unseen (a database restart

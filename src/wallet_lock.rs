@@ -3,11 +3,12 @@
 //! An execution holds its wallet's lock from choosing the nonce until the broadcast outcome is
 //! recorded, so two executions from one wallet never pick the same nonce. Within a process the
 //! lock is a Tokio mutex per wallet. On PostgreSQL the holder also takes a transaction-scoped
-//! advisory lock keyed by the wallet, on a connection of a small pool of its own, so every node
+//! advisory lock keyed by the wallet, on a pooled connection it keeps meanwhile, so every node
 //! on the database is serialized; it is released by commit, by rollback when the guard is
 //! dropped (an error, a cancelled request), or by PostgreSQL itself when the holder's process
-//! or connection dies — a crashed node never leaves a wallet locked. A separate pool keeps a
-//! lock holder from waiting for a connection that other lock holders occupy. SQLite is
+//! or connection dies — a crashed node never leaves a wallet locked. At most a quarter of the
+//! pool's connections are held for locks, so lock holders (who need further connections to do
+//! their work) can never take the whole pool. SQLite is
 //! single-node: the process lock is the whole lock.
 
 use std::collections::HashMap;
@@ -16,19 +17,15 @@ use std::time::Duration;
 
 use aggregates::Address;
 use sha2::{Digest, Sha256};
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::PgPool;
 use sqlx::{Postgres, Transaction};
-use tokio::sync::{Mutex, OwnedMutexGuard};
+use tokio::sync::{Mutex, OwnedMutexGuard, OwnedSemaphorePermit, Semaphore};
 
 use crate::store::{Db, StoreError};
 
 /// How long an execution waits for its wallet before giving up with `wallet_busy`. Longer than
 /// an execution normally takes (a few chain round trips), shorter than the request limit.
 pub const LOCK_WAIT: Duration = Duration::from_secs(20);
-/// Connections for lock holders per process: the most wallets one node executes from at once.
-const LOCK_CONNECTIONS: u32 = 8;
-/// The longest wait for a lock connection (as for the main pool).
-const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Advisory-lock key space of wallet locks (two-int form: the first key names the use).
 const LOCK_CLASS: i32 = 0x4353_574c; // "CSWL"
 
@@ -53,14 +50,14 @@ impl From<sqlx::Error> for LockError {
 
 pub struct WalletLocks {
     local: std::sync::Mutex<HashMap<Address, Arc<Mutex<()>>>>,
-    /// Lock connections (PostgreSQL only).
-    pool: Option<PgPool>,
+    /// The pool and the permits for lock connections (PostgreSQL only).
+    sessions: Option<(PgPool, Arc<Semaphore>)>,
 }
 
 /// A held wallet lock; dropping it releases it.
 pub struct WalletGuard {
     /// Holds the advisory lock until commit or rollback (PostgreSQL only).
-    session: Option<Transaction<'static, Postgres>>,
+    session: Option<(Transaction<'static, Postgres>, OwnedSemaphorePermit)>,
     _local: OwnedMutexGuard<()>,
 }
 
@@ -72,19 +69,17 @@ fn lock_key(wallet: &Address) -> i32 {
 
 impl WalletLocks {
     pub fn new(db: &Db) -> Self {
-        let pool = match db {
-            Db::Postgres(pool) => Some(
-                PgPoolOptions::new()
-                    .max_connections(LOCK_CONNECTIONS)
-                    .acquire_timeout(ACQUIRE_TIMEOUT)
-                    .test_before_acquire(true)
-                    .connect_lazy_with((*pool.connect_options()).clone()),
-            ),
+        let sessions = match db {
+            Db::Postgres(pool) => {
+                // The most wallets one node executes from at once.
+                let sessions = (pool.options().get_max_connections() / 4).max(1);
+                Some((pool.clone(), Arc::new(Semaphore::new(sessions as usize))))
+            }
             Db::Sqlite(_) => None,
         };
         Self {
             local: Default::default(),
-            pool,
+            sessions,
         }
     }
 
@@ -97,17 +92,26 @@ impl WalletLocks {
             .clone()
     }
 
-    /// Wait (at most [`LOCK_WAIT`]) for the wallet's lock.
+    /// Wait (at most [`LOCK_WAIT`] in this process, and as long again for another node) for
+    /// the wallet's lock.
     pub async fn lock(&self, wallet: &Address) -> Result<WalletGuard, LockError> {
+        let waited = tokio::time::Instant::now();
         let local = tokio::time::timeout(LOCK_WAIT, self.local(wallet).lock_owned())
             .await
             .map_err(|_| LockError::Busy)?;
-        let Some(pool) = &self.pool else {
+        let Some((pool, permits)) = &self.sessions else {
             return Ok(WalletGuard {
                 session: None,
                 _local: local,
             });
         };
+        let permit = tokio::time::timeout(
+            LOCK_WAIT.saturating_sub(waited.elapsed()),
+            permits.clone().acquire_owned(),
+        )
+        .await
+        .map_err(|_| LockError::Busy)?
+        .expect("lock permits are never closed");
         let mut session = pool.begin().await?;
         sqlx::query("SELECT set_config('lock_timeout', $1, true)")
             .bind(format!("{}ms", LOCK_WAIT.as_millis()))
@@ -119,7 +123,7 @@ impl WalletLocks {
             .execute(&mut *session)
             .await?;
         Ok(WalletGuard {
-            session: Some(session),
+            session: Some((session, permit)),
             _local: local,
         })
     }
@@ -129,11 +133,14 @@ impl WalletLocks {
         let Ok(local) = self.local(wallet).try_lock_owned() else {
             return Ok(None);
         };
-        let Some(pool) = &self.pool else {
+        let Some((pool, permits)) = &self.sessions else {
             return Ok(Some(WalletGuard {
                 session: None,
                 _local: local,
             }));
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            return Ok(None);
         };
         let mut session = pool.begin().await?;
         let held: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1, $2)")
@@ -142,15 +149,9 @@ impl WalletLocks {
             .fetch_one(&mut *session)
             .await?;
         Ok(held.then_some(WalletGuard {
-            session: Some(session),
+            session: Some((session, permit)),
             _local: local,
         }))
-    }
-
-    pub async fn close(&self) {
-        if let Some(pool) = &self.pool {
-            pool.close().await;
-        }
     }
 }
 
@@ -159,7 +160,7 @@ impl WalletGuard {
     /// PostgreSQL then releases the lock, so another node may already be choosing a nonce.
     /// Called right before signing, so nothing is signed under a lost lock.
     pub async fn ensure_held(&mut self) -> Result<(), LockError> {
-        if let Some(session) = &mut self.session {
+        if let Some((session, _)) = &mut self.session {
             sqlx::query("SELECT 1").execute(&mut **session).await?;
         }
         Ok(())
@@ -167,7 +168,7 @@ impl WalletGuard {
 
     /// Release now (dropping the guard releases too, a moment later).
     pub async fn release(mut self) {
-        if let Some(session) = self.session.take() {
+        if let Some((session, _permit)) = self.session.take() {
             if let Err(e) = session.commit().await {
                 // The connection is gone, and with it the lock.
                 tracing::debug!(error = %e, "releasing a wallet lock failed");

@@ -9,7 +9,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use crate::helpers::*;
-use crate::nodes::{get_at, post_at, Node};
+use crate::nodes::{get_at, post_at, small_pool, Node};
 use crate::on_both_backends;
 
 on_both_backends!(
@@ -29,7 +29,7 @@ struct Cluster {
 
 impl Cluster {
     async fn start(backend: Backend) -> Self {
-        let app = TestApp::spawn(backend).await;
+        let app = TestApp::spawn_with(backend, Some(small_pool)).await;
         let second = match backend {
             Backend::Postgres => Some(Node::start(app.config()).await),
             Backend::Sqlite => None,

@@ -10,7 +10,8 @@ use serde_json::{json, Value};
 
 use crate::helpers::*;
 use crate::nodes::{
-    client_with_timeout, socket_addr, try_request, Fault, FaultProxy, Node, ServerProcess,
+    client_with_timeout, small_pool, socket_addr, try_request, Fault, FaultProxy, Node,
+    ServerProcess,
 };
 use crate::on_both_backends;
 
@@ -64,7 +65,7 @@ async fn postgres_outage_is_503_then_the_server_recovers_and_lost_nothing_it_con
     if !backends().contains(&Backend::Postgres) {
         return;
     }
-    let mut app = TestApp::spawn(Backend::Postgres).await;
+    let mut app = TestApp::spawn_with(Backend::Postgres, Some(small_pool)).await;
     let (mut user, wallet, agent) = app.user_with_wallet("pia", 10 * ETH).await;
     let recipient = random_address();
     let queued = app
@@ -214,7 +215,7 @@ async fn postgres_outage_is_503_then_the_server_recovers_and_lost_nothing_it_con
 /// still prepare and the owner still authorizes; execution answers 503 `chain_unavailable`
 /// within the configured chain timeout, records nothing, and succeeds once the node is back.
 async fn an_unreachable_chain_defers_execution_until_it_is_back(backend: Backend) {
-    let mut app = TestApp::spawn(backend).await;
+    let mut app = TestApp::spawn_with(backend, Some(small_pool)).await;
     let (mut user, wallet, agent) = app.user_with_wallet("quinn", 10 * ETH).await;
     let (first_recipient, second_recipient) = (random_address(), random_address());
     let first = app
@@ -369,7 +370,7 @@ async fn settled(
 /// confirmed or still authorized (and then executes fine), nothing is stuck, the chain nonce
 /// equals the number of transactions sent, and nobody is paid twice.
 async fn kill_9_at_random_moments_loses_nothing_and_pays_nobody_twice(backend: Backend) {
-    let mut app = TestApp::spawn(backend).await;
+    let mut app = TestApp::spawn_with(backend, Some(small_pool)).await;
     let (mut user, wallet, agent) = app.user_with_wallet("ruth", 10 * ETH).await;
     const N: usize = 12;
     let mut txs = vec![];

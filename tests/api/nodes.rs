@@ -18,6 +18,12 @@ use tokio::task::JoinHandle;
 
 use crate::helpers::{Auth, TestApp};
 
+/// For tests that run several servers or bursts on one PostgreSQL: a pool of 8 per server
+/// (as an operator would size it) leaves room for the other tests running at the same time.
+pub fn small_pool(config: &mut Config) {
+    config.db_max_connections = 8;
+}
+
 /// A server running in this process on `config`, next to (or instead of) the `TestApp`'s own.
 pub struct Node {
     pub address: String,
@@ -88,6 +94,10 @@ impl ServerProcess {
             )
             .env("COUNTERSIGN_ADDR", format!("127.0.0.1:{port}"))
             .env("COUNTERSIGN_POLL_INTERVAL_MS", "100")
+            .env(
+                "COUNTERSIGN_DB_MAX_CONNECTIONS",
+                config.db_max_connections.to_string(),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
