@@ -130,15 +130,19 @@ enum ProjectionsCommand {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _ = dotenvy::dotenv();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,tower_http=info")),
-        )
-        // Logs on stderr: stdout carries only a command's output (e.g. `--json` reports).
-        .with_writer(std::io::stderr)
-        .init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    let logs = tracing_subscriber::fmt().with_env_filter(
+        EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,tower_http=info")),
+    );
+    // The server logs to stdout; the other commands to stderr, so that their stdout carries
+    // only their output (e.g. `--json` reports).
+    if matches!(cli.command, Command::Serve { .. }) {
+        logs.init();
+    } else {
+        logs.with_writer(std::io::stderr).init();
+    }
+    match cli.command {
         Command::Serve { dev, dev_dir } => {
             let config = Config::from_env(dev.then_some(dev_dir.as_path()))?;
             tracing::info!(
