@@ -1849,6 +1849,9 @@ async fn issue_ticket(app: &TestApp, headers: &[(String, Vec<u8>)]) -> Result<St
         .ok_or_else(|| format!("no ticket: {body}"))
 }
 
+/// Which code of a user a placeholder stands for.
+type CodeOf = fn(&TestUser) -> String;
+
 /// Fill `{code:who}`, `{spent:who}`, `{wrong:who}`, `{ticket}` and `{token}` at the moment of
 /// sending.
 fn fill(fx: &Fixture, text: &str, prepared: &Prepared) -> String {
@@ -1859,7 +1862,7 @@ fn fill(fx: &Fixture, text: &str, prepared: &Prepared) -> String {
         ("dave", Who::Dave),
     ] {
         let user = fx.user(who);
-        let fillers: [(&str, fn(&TestUser) -> String); 3] = [
+        let fillers: [(&str, CodeOf); 3] = [
             ("code", unspent_code),
             ("spent", TestUser::last_code),
             ("wrong", TestUser::wrong_code),
