@@ -372,7 +372,7 @@ async fn settled(
 async fn kill_9_at_random_moments_loses_nothing_and_pays_nobody_twice(backend: Backend) {
     let mut app = TestApp::spawn_with(backend, Some(small_pool)).await;
     let (mut user, wallet, agent) = app.user_with_wallet("ruth", 10 * ETH).await;
-    const N: usize = 12;
+    const N: usize = 16;
     let mut txs = vec![];
     for i in 0..N {
         let recipient = random_address();
@@ -420,8 +420,8 @@ async fn kill_9_at_random_moments_loses_nothing_and_pays_nobody_twice(backend: B
                 })
             })
             .collect();
-        // A burst takes a few hundred milliseconds: die anywhere in it, or after it.
-        let delay = rand::thread_rng().gen_range(0..600);
+        // A burst takes a few hundred milliseconds: die anywhere in it (or just after).
+        let delay = rand::thread_rng().gen_range(0..300);
         tokio::time::sleep(Duration::from_millis(delay)).await;
         server.kill9();
         for f in fired {
