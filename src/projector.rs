@@ -102,7 +102,13 @@ fn event_columns(backend: Backend) -> &'static str {
 /// written so far: no other can exist, so only those are looked up. Written as a macro so that
 /// the same code is compiled for each backend's transaction type.
 macro_rules! fold_into_views {
-    ($tx:expr, $events:expr, $only:expr, $rebuilt:expr) => {{
+    ($tx:expr, $events:expr, $only:expr, $rebuilt:expr) => {
+        fold_into_views!($tx, $events, $only, $rebuilt, None::<i64>)
+    };
+    ($tx:expr, $events:expr, $only:expr, $rebuilt:expr, $advance_to:expr) => {{
+        // `$advance_to` (Postgres only): also move the checkpoint there and notify the other
+        // nodes, in the statement that writes the last documents (one round trip fewer).
+        let advance_to: Option<i64> = $advance_to;
         let only: Option<ViewKind> = $only;
         let mut rebuilt: Option<&mut std::collections::HashSet<(ViewKind, String)>> = $rebuilt;
         let upcasters = crate::upcast::upcasters();
@@ -179,11 +185,16 @@ macro_rules! fold_into_views {
                 written.push((doc, created.unwrap_or(position), position));
             }
         }
-        for chunk in written.chunks(500) {
-            let mut q = sqlx::QueryBuilder::new(
+        let chunks = written.chunks(500).count();
+        for (index, chunk) in written.chunks(500).enumerate() {
+            let advance = advance_to.filter(|_| index + 1 == chunks);
+            let mut q = sqlx::QueryBuilder::new(if advance.is_some() {
+                "WITH upserted AS (INSERT INTO views (kind, id, owner_user_id, wallet_address, \
+                 api_key_id, status, created_position, position, payload) "
+            } else {
                 "INSERT INTO views (kind, id, owner_user_id, wallet_address, api_key_id, \
-                 status, created_position, position, payload) ",
-            );
+                 status, created_position, position, payload) "
+            });
             q.push_values(chunk, |mut b, (doc, created, position)| {
                 b.push_bind(doc.kind.as_str())
                     .push_bind(doc.id.as_str())
@@ -200,9 +211,20 @@ macro_rules! fold_into_views {
                  wallet_address = excluded.wallet_address, api_key_id = excluded.api_key_id, \
                  status = excluded.status, position = excluded.position, payload = excluded.payload",
             );
+            if let Some(position) = advance {
+                q.push("), advanced AS (UPDATE projection_checkpoints SET position = ")
+                    .push_bind(position)
+                    .push(" WHERE name = ")
+                    .push_bind(CHECKPOINT)
+                    .push(") SELECT pg_notify(")
+                    .push_bind(crate::push::VIEWS_CHANNEL)
+                    .push(", ")
+                    .push_bind(position.to_string())
+                    .push(")");
+            }
             q.build().execute($tx).await?;
         }
-        written
+        (written, chunks > 0 && advance_to.is_some())
     }};
 }
 
@@ -438,7 +460,7 @@ impl Projector {
     async fn append_inner(&self, batch: &[Append]) -> Result<Appended, ProjectorError> {
         let backend = self.db.backend();
         let select_gap = format!(
-            "SELECT {} FROM events WHERE position > $1 ORDER BY position",
+            "SELECT {} FROM events WHERE position > $1 AND position < $2 ORDER BY position",
             event_columns(backend)
         );
         let returning = match backend {
@@ -462,12 +484,20 @@ impl Projector {
             .bind(CHECKPOINT)
             .fetch_one(&mut *tx)
             .await?;
-            // Events committed by writers that do not project (none in normal operation).
-            let gap: Vec<EventRow> = sqlx::query_as(&select_gap)
-                .bind(checkpoint)
-                .fetch_all(&mut *tx)
-                .await?;
-            // SQLite: one writer, so the next positions are known; Postgres: the trigger.
+            // Events committed by writers that do not project (none in normal operation). On
+            // SQLite, read them first: one writer, so the next positions are ours to assign.
+            // On Postgres the trigger assigns them; if ours do not follow the checkpoint
+            // directly, the gap is read after the insert (below).
+            let mut gap: Vec<EventRow> = match backend {
+                Backend::Sqlite => {
+                    sqlx::query_as(&select_gap)
+                        .bind(checkpoint)
+                        .bind(i64::MAX)
+                        .fetch_all(&mut *tx)
+                        .await?
+                }
+                Backend::Postgres => Vec::new(),
+            };
             let next = match backend {
                 Backend::Sqlite => Some(gap.last().map_or(checkpoint, |r| r.position) + 1),
                 Backend::Postgres => None,
@@ -495,6 +525,17 @@ impl Projector {
             }
             // RETURNING follows VALUES order on both backends, and positions are increasing
             // within the statement; sorting above makes the pairing independent of that.
+            if let Some(&(first, _)) = assigned.first() {
+                if backend == Backend::Postgres && first != checkpoint + 1 {
+                    // Numbers drawn before ours by others were committed or rolled back
+                    // before the trigger's lock let us draw: this read sees all of them.
+                    gap = sqlx::query_as(&select_gap)
+                        .bind(checkpoint)
+                        .bind(first)
+                        .fetch_all(&mut *tx)
+                        .await?;
+                }
+            }
             let mut events: Vec<StoredEvent> = gap.into_iter().map(StoredEvent::from).collect();
             for ((ty, e), (position, recorded_at)) in rows.iter().zip(assigned) {
                 events.push(StoredEvent {
@@ -518,7 +559,9 @@ impl Projector {
                 });
             };
             let mut pushed: Vec<PushRow> = events.iter().map(PushRow::unrouted).collect();
-            let written = fold_into_views!(&mut *tx, events, None::<ViewKind>, None);
+            let advance_to = (backend == Backend::Postgres).then_some(last);
+            let (written, advanced) =
+                fold_into_views!(&mut *tx, events, None::<ViewKind>, None, advance_to);
             // Route by the transaction's view as of this commit, as the hub's query would.
             let routes: HashMap<&str, &ViewDoc> = written
                 .iter()
@@ -534,8 +577,8 @@ impl Projector {
                     }
                 }
             }
-            // One round trip on Postgres: the checkpoint and the wake-up of other nodes' hubs
-            // (delivered at commit).
+            // Unless done with the documents above: the checkpoint and (Postgres) the wake-up
+            // of other nodes' hubs, delivered at commit, in one statement.
             let advance = match backend {
                 Backend::Postgres => {
                     "WITH advanced AS (UPDATE projection_checkpoints SET position = $1 \
@@ -546,13 +589,15 @@ impl Projector {
                      AND $3 IS NOT NULL AND $4 IS NOT NULL"
                 }
             };
-            sqlx::query(advance)
-                .bind(last)
-                .bind(CHECKPOINT)
-                .bind(crate::push::VIEWS_CHANNEL)
-                .bind(last.to_string())
-                .execute(&mut *tx)
-                .await?;
+            if !advanced {
+                sqlx::query(advance)
+                    .bind(last)
+                    .bind(CHECKPOINT)
+                    .bind(crate::push::VIEWS_CHANNEL)
+                    .bind(last.to_string())
+                    .execute(&mut *tx)
+                    .await?;
+            }
             tx.commit().await?;
             Ok(Appended {
                 after: checkpoint,

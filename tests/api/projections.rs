@@ -22,6 +22,7 @@ on_both_backends!(
     views_are_exact_under_concurrent_writers_and_two_projectors,
     events_committed_while_no_server_runs_reach_views_at_start,
     views_are_exact_after_a_crash_under_load,
+    a_commit_folds_events_another_writer_left_unprojected,
 );
 
 async fn checkpoint(db: &Db) -> i64 {
@@ -197,6 +198,70 @@ async fn views_are_exact_after_a_crash_under_load(backend: Backend) {
     app.restart().await;
     let db = Db::connect(&app.store.url).await.unwrap();
     assert!(assert_views_exact(&db).await > 0);
+    db.close().await;
+    app.cleanup().await;
+}
+
+/// The writer folds, in its own transaction, events that a writer which does not project (an
+/// older version, a tool writing SQL) committed after the checkpoint — before its own.
+async fn a_commit_folds_events_another_writer_left_unprojected(backend: Backend) {
+    // No periodic catch-up during the test: only the writer can fold the foreign event.
+    let app = TestApp::spawn_with(
+        backend,
+        Some(|c| c.poll_interval = std::time::Duration::from_secs(3600)),
+    )
+    .await;
+    let (user, wallet, agent) = app.user_with_wallet("heidi", 0).await;
+    let first = app
+        .prepare(&agent, native_body(&wallet, &random_address(), 1))
+        .await;
+    let db = Db::connect(&app.store.url).await.unwrap();
+    let before = checkpoint(&db).await;
+    let signer = Arc::new(KeyringSigner::new(
+        db.clone(),
+        Arc::new(app.config().master_key),
+    ));
+    let plain = cqrs_es::CqrsFramework::<Transaction, _>::new(
+        cqrs_es::persist::PersistedEventStore::new_event_store(db.event_repository()),
+        vec![],
+        signer as aggregates::TransactionServices,
+    );
+    plain
+        .execute_with_metadata(
+            &first,
+            TransactionCommand::Reject {
+                user_id: user.user_id.clone(),
+                reason: Some("by a writer that does not project".into()),
+                now: time::OffsetDateTime::now_utc(),
+            },
+            Actor::user(&user.user_id).metadata("test"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(checkpoint(&db).await, before, "not projected yet");
+    assert_eq!(
+        app.status(&user.auth(), &first).await["status"],
+        "pending_authorization"
+    );
+
+    // The next command through the server commits after it and folds it too.
+    let second = app
+        .prepare(&agent, native_body(&wallet, &random_address(), 2))
+        .await;
+    let view = app.status(&user.auth(), &first).await;
+    assert_eq!(view["status"], "rejected", "{view}");
+    assert_eq!(
+        view["rejection_reason"],
+        "by a writer that does not project"
+    );
+    assert_eq!(
+        app.status(&user.auth(), &second).await["status"],
+        "pending_authorization"
+    );
+    let head: i64 = app.get("/healthz", &Auth::None).await.1["position"]
+        .as_i64()
+        .unwrap();
+    assert_eq!(checkpoint(&db).await, head);
     db.close().await;
     app.cleanup().await;
 }
