@@ -253,7 +253,8 @@ pub struct TestApp {
 pub fn test_config(database_url: &str, chain_url: &str, master_key_b64: &str, jwt: &str) -> Config {
     Config {
         database_url: database_url.to_owned(),
-        db_max_connections: 16,
+        // Many tests run at once against one PostgreSQL (max_connections = 100 here).
+        db_max_connections: 6,
         chain_url: chain_url.parse().unwrap(),
         chain_timeout: Duration::from_secs(10),
         addr: "127.0.0.1:0".parse().unwrap(),
