@@ -4,6 +4,8 @@ mod api_keys;
 mod audit;
 mod error;
 mod extract;
+#[doc(hidden)]
+pub mod fuzzing;
 mod idempotency;
 mod sessions;
 mod transactions;

@@ -141,7 +141,7 @@ pub(super) fn not_zero(address: Address, field: &str) -> ApiResult<Address> {
 }
 
 /// Check which fields each kind takes, and derive the exact call to sign.
-fn shape(body: &PrepareRequest) -> ApiResult<Call> {
+pub(super) fn shape(body: &PrepareRequest) -> ApiResult<Call> {
     match body.kind {
         KindInput::Native | KindInput::Erc20 => {
             let k = match body.kind {
