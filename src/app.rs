@@ -59,6 +59,8 @@ pub struct Inner {
     pub metrics: crate::metrics::Metrics,
     /// Login and API-key rate limits, in memory (see `limits`).
     pub limits: crate::limits::Limits,
+    /// Origins allowed cross-origin calls and WebSockets (see `http::cors`); empty: none.
+    pub cors_origins: crate::config::CorsOrigins,
 }
 
 #[derive(Clone)]
@@ -110,6 +112,7 @@ impl AppState {
             halted: AtomicBool::new(false),
             metrics: crate::metrics::Metrics::new(config.metrics),
             limits: crate::limits::Limits::new(&config.limits),
+            cors_origins: config.cors_origins,
             master_key,
             keyring,
             db,

@@ -61,6 +61,8 @@ pub struct Config {
     pub metrics: MetricsAccess,
     /// Rate limits on logins and API keys (`COUNTERSIGN_LOGIN_*`, `COUNTERSIGN_API_KEY_*`).
     pub limits: crate::limits::LimitsConfig,
+    /// Browser origins allowed to call the API (`COUNTERSIGN_CORS_ORIGINS`); empty: CORS off.
+    pub cors_origins: CorsOrigins,
 }
 
 impl std::fmt::Debug for Config {
@@ -76,6 +78,7 @@ impl std::fmt::Debug for Config {
             .field("max_fee_per_gas_cap", &self.max_fee_per_gas_cap)
             .field("metrics", &self.metrics)
             .field("limits", &self.limits)
+            .field("cors_origins", &self.cors_origins)
             .finish_non_exhaustive()
     }
 }
@@ -196,8 +199,91 @@ impl Config {
             crash_after_sign_for_tests: false,
             metrics: metrics_access()?,
             limits: limits_from_env()?,
+            cors_origins: match var("COUNTERSIGN_CORS_ORIGINS") {
+                None => CorsOrigins::default(),
+                Some(list) => CorsOrigins::parse(&list).map_err(|why| ConfigError::Invalid {
+                    name: "COUNTERSIGN_CORS_ORIGINS",
+                    why,
+                })?,
+            },
         })
     }
+}
+
+/// The browser origins allowed to call the API cross-origin, each as browsers serialize it in
+/// the `Origin` header (`https://app.example.com`: lower-case host, default port left out), so
+/// a request's origin is allowed exactly when it equals one of them. Empty: CORS is off.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CorsOrigins(Vec<String>);
+
+impl CorsOrigins {
+    /// A comma-separated list of exact origins. `*` is refused: every credential this API takes
+    /// is a header a script sets (bearer token, API key), so "any origin" would let any site a
+    /// user visits drive the API with a token it obtained; name the origins instead.
+    pub fn parse(list: &str) -> Result<Self, String> {
+        let mut origins = Vec::new();
+        for entry in list.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            let origin = parse_origin(entry)?;
+            if !origins.contains(&origin) {
+                origins.push(origin);
+            }
+        }
+        if origins.is_empty() {
+            return Err("lists no origin (unset it to turn CORS off)".into());
+        }
+        Ok(Self(origins))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether an `Origin` header value is on the list (exact match).
+    pub fn allows(&self, origin: &str) -> bool {
+        self.0.iter().any(|o| o == origin)
+    }
+}
+
+/// One origin: `http` or `https`, a host, an optional port; nothing else.
+fn parse_origin(entry: &str) -> Result<String, String> {
+    if entry == "*" {
+        return Err(
+            "`*` (any origin) is not allowed: the API takes bearer tokens and API keys, \
+                    so list the exact origins (like https://app.example.com) that may call it"
+                .into(),
+        );
+    }
+    if entry.contains('*') {
+        return Err(format!(
+            "`{entry}`: wildcards are not supported; list each origin exactly"
+        ));
+    }
+    let not_an_origin =
+        |why: &str| format!("`{entry}` is not an origin like https://app.example.com: {why}");
+    let url = url::Url::parse(entry).map_err(|e| not_an_origin(&e.to_string()))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(not_an_origin("the scheme must be http or https"));
+    }
+    // `Url` turns a missing path into `/`, so look at the text itself for anything after the
+    // host and port (also catches `https:host` without the slashes).
+    let prefix = format!("{}://", url.scheme());
+    let authority = entry
+        .get(..prefix.len())
+        .filter(|p| p.eq_ignore_ascii_case(&prefix))
+        .map(|_| &entry[prefix.len()..])
+        .ok_or_else(|| not_an_origin("expected scheme://host[:port]"))?;
+    if authority.contains(['/', '?', '#', '\\']) {
+        return Err(not_an_origin(
+            "an origin has no path, query or fragment (not even `/`)",
+        ));
+    }
+    if authority.contains('@') {
+        return Err(not_an_origin("an origin has no user name or password"));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(not_an_origin("it has no host"));
+    }
+    Ok(url.origin().ascii_serialization())
 }
 
 /// The rate limits; each count may be 0 to turn that limit off.
@@ -364,4 +450,54 @@ fn write_private_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 #[cfg(not(unix))]
 fn write_private_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::write(path, bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CorsOrigins;
+
+    #[test]
+    fn cors_origins_are_exact_origins_in_browser_form() {
+        let origins = CorsOrigins::parse(
+            " https://App.Example.com , http://localhost:5173,https://app.example.com:443,",
+        )
+        .unwrap();
+        assert_eq!(
+            origins,
+            CorsOrigins(vec![
+                "https://app.example.com".into(),
+                "http://localhost:5173".into()
+            ])
+        );
+        assert!(origins.allows("https://app.example.com"));
+        assert!(origins.allows("http://localhost:5173"));
+        assert!(!origins.allows("http://app.example.com"));
+        assert!(!origins.allows("https://app.example.com.evil.example"));
+        assert!(!origins.allows("http://localhost:5174"));
+        assert!(!origins.allows("null"));
+    }
+
+    #[test]
+    fn wildcard_and_non_origins_are_refused() {
+        let any = CorsOrigins::parse("*").unwrap_err();
+        assert!(any.contains("`*` (any origin) is not allowed"), "{any}");
+        assert!(any.contains("bearer tokens and API keys"), "{any}");
+        for (entry, why) in [
+            ("https://app.example.com, *", "`*` (any origin)"),
+            ("https://*.example.com", "wildcards are not supported"),
+            ("https://app.example.com/", "no path"),
+            ("https://app.example.com/api", "no path"),
+            ("https://app.example.com?x=1", "no path, query"),
+            ("https://app.example.com#x", "fragment"),
+            ("https://user:pw@app.example.com", "no user name"),
+            ("ftp://app.example.com", "http or https"),
+            ("app.example.com", "not an origin"),
+            ("https:app.example.com", "scheme://host"),
+            ("null", "not an origin"),
+            (" , ", "lists no origin"),
+        ] {
+            let err = CorsOrigins::parse(entry).unwrap_err();
+            assert!(err.contains(why), "{entry}: {err}");
+        }
+    }
 }

@@ -2,6 +2,7 @@
 
 mod api_keys;
 mod audit;
+mod cors;
 mod error;
 mod extract;
 #[doc(hidden)]
@@ -18,7 +19,7 @@ mod ws;
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
@@ -38,6 +39,7 @@ const OPENAPI: &str = include_str!("../openapi.json");
 
 pub fn router(state: AppState) -> Router {
     let metrics_state = state.clone();
+    let cors_state = state.clone();
     let api = Router::new()
         .route("/register", post(users::register))
         .route("/login", post(users::login))
@@ -91,11 +93,31 @@ pub fn router(state: AppState) -> Router {
             header::X_CONTENT_TYPE_OPTIONS,
             HeaderValue::from_static("nosniff"),
         ))
+        // Nothing here is meant to be framed, embedded by other sites or sent a referrer;
+        // the web page sets its own, fuller CSP (`web.rs`). HSTS is the TLS proxy's job.
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'"),
+        ))
+        .layer(SetResponseHeaderLayer::overriding(
+            header::X_FRAME_OPTIONS,
+            HeaderValue::from_static("DENY"),
+        ))
+        .layer(SetResponseHeaderLayer::overriding(
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("no-referrer"),
+        ))
+        .layer(SetResponseHeaderLayer::overriding(
+            HeaderName::from_static("cross-origin-resource-policy"),
+            HeaderValue::from_static("same-origin"),
+        ))
         .layer(axum::middleware::from_fn(request_timeout))
         .layer(axum::middleware::from_fn(record_source_ip))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::internal("handler panicked").into_response()
         }))
+        // Outside the timeout and the panic catcher, so an allowed origin can read those too.
+        .layer(axum::middleware::from_fn_with_state(cors_state, cors::cors))
         // Outside the panic catcher, so a panic counts as the 500 it becomes.
         .layer(axum::middleware::from_fn_with_state(
             metrics_state,

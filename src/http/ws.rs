@@ -150,6 +150,8 @@ impl FromRequestParts<AppState> for WsRequest {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<Self> {
+        // First: a foreign page's socket must not even spend a ticket.
+        super::cors::check_websocket_origin(&state.cors_origins, &parts.headers)?;
         let ApiQuery(query) = ApiQuery::<WsQuery>::from_request_parts(parts, state).await?;
         if query.after.is_some_and(|a| a < 0) {
             return Err(ApiError::invalid("after", "after must be a position ≥ 0"));

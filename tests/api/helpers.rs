@@ -268,6 +268,7 @@ pub fn test_config(database_url: &str, chain_url: &str, master_key_b64: &str, jw
         crash_after_sign_for_tests: false,
         metrics: Default::default(),
         limits: Default::default(),
+        cors_origins: Default::default(),
     }
 }
 

@@ -5,6 +5,7 @@ mod adversarial;
 mod audit;
 mod cli;
 mod concurrency;
+mod cors;
 mod docs;
 mod faults;
 mod flow;
