@@ -1,13 +1,15 @@
 //! `loadgen`: load scenarios against a running Countersign server, over its real HTTP and
 //! WebSocket API. It sets up its own users, wallets and API keys through the API, sends traffic
-//! only to the `--url` it is given (which must be a loopback address), and every scenario stops
-//! by itself after its `--duration`.
+//! only to the `--url` it is given (which must be a loopback address; so must `--chain-url` and
+//! `--database-url`), and every scenario stops by itself after its `--duration`.
 //!
 //! ```text
 //! cargo run --release --bin loadgen -- ws      --url http://127.0.0.1:8080 [--subscribers 1000]
 //! cargo run --release --bin loadgen -- idle    --url http://127.0.0.1:8080 --server-pid PID
-//! cargo run --release --bin loadgen -- prepare --url http://127.0.0.1:8080 [--agents 8]
+//! cargo run --release --bin loadgen -- prepare --url http://127.0.0.1:8080 [--agents 8] --database-url URL
 //! cargo run --release --bin loadgen -- status  --url http://127.0.0.1:8080 [--agents 8]
+//! cargo run --release --bin loadgen -- flow    --url http://127.0.0.1:8080 --chain-url http://127.0.0.1:8545
+//! cargo run --release --bin loadgen -- login   --url http://127.0.0.1:8080 [--agents 8] [--logins 8]
 //! ```
 //!
 //! # Scenarios
@@ -54,8 +56,41 @@
 //! calls `GET /api/transaction_status?transaction_id=` over its own pool, back to back, for
 //! `--duration` seconds. A success is a 200 whose `transaction_id` is the one asked for.
 //!
-//! `ws`, `prepare` and `status` also take `--server-pid` to report the server process's CPU use
-//! during the load (and every scenario reports this tool's own, since it shares the machine).
+//! **Baseline (`prepare`; `flow` with `--baseline true`).** In the same run, after the load:
+//! the database's own rate for a one-row INSERT into a table shaped like `events` (its columns,
+//! types, primary key and unique position index; no position trigger) at the same concurrency,
+//! with a ~700-byte `TransactionPrepared`-like payload. PostgreSQL: `pgbench -n -c N -j 2 -T D
+//! -f insert.sql` in a scratch database on the server's PostgreSQL (created and dropped by the
+//! tool). SQLite: N tasks inserting through an sqlx pool with the server's options (WAL,
+//! `synchronous=FULL`, 10 s busy timeout, 8 connections; `src/store.rs`) into a scratch file
+//! next to the server's database (removed afterwards). Printed: the baseline's tps and
+//! `ratio = prepare req/s / baseline tps`. It needs `--database-url` (or `DATABASE_URL`), the
+//! server's own; `--baseline false` skips it.
+//!
+//! **`flow` — end to end.** `--users U` users (default 8 per worker), each with MFA, one wallet
+//! funded on the dev chain (`anvil_setBalance` at `--chain-url`) and one API key, shared out
+//! among `--agents N` workers (no two workers share a user). A worker loops: take the user
+//! whose next TOTP step comes first (waiting for the clock if all of its users spent theirs),
+//! prepare `--batch B` (default 20) transactions with that user's key, authorize all of them
+//! with one code (`/api/authorize_transactions`; `--batch 1`: `/api/authorize_transaction`),
+//! then execute each (simulated, signed and broadcast to the chain by the server). A user may
+//! spend one code per 30-s step (three at once at first, two of which set-up takes), so the
+//! rate is bounded by `U × B / 30 s` in the long run: the time workers wait for a step is
+//! reported, and a large
+//! share means the run measured the TOTP budget rather than the server. Reported: flows/s (a
+//! flow counts when its execute answers 200 with a `tx_hash`), flow latency (its prepare sent →
+//! its execute answered, batching included), per-stage latency, errors by stage, and after the
+//! load how many executed transactions reached `confirmed` within `--drain` seconds.
+//!
+//! **`login` — logins next to other traffic.** The `status` set-up, plus one registered user.
+//! Phase 1: the readers alone for `--duration`. Phase 2: the readers again while `--logins L`
+//! loops call `POST /api/login` back to back (argon2id, ~20–25 ms of one core each, at most one
+//! per core at a time on the server's blocking pool). Reported: the reads' req/s and latency in
+//! each phase, the logins' rate and latency, and CPU per phase: what logins cost other requests.
+//!
+//! `ws`, `prepare`, `status`, `flow` and `login` also take `--server-pid` to report the server
+//! process's CPU use during the load (and every scenario reports this tool's own, since it
+//! shares the machine).
 //! 1,000 sockets need more than the usual 1,024 open files: run `ulimit -n 65536` (or as high as
 //! the hard limit allows) first; the server needs it too. Results and how they were taken:
 //! `BENCHMARKS.md`.
@@ -100,10 +135,14 @@ enum Scenario {
     Ws(WsArgs),
     /// Server RSS per idle WebSocket connection.
     Idle(IdleArgs),
-    /// Concurrent prepare_transaction: req/s and latency.
-    Prepare(LoadArgs),
+    /// Concurrent prepare_transaction: req/s and latency, and the database's own INSERT rate.
+    Prepare(PrepareArgs),
     /// Concurrent transaction_status reads: req/s and latency.
     Status(StatusArgs),
+    /// End to end: prepare → authorize with TOTP → execute on anvil: flows/s, per-stage latency.
+    Flow(FlowArgs),
+    /// Logins (argon2id) next to transaction_status reads: the reads' latency with and without.
+    Login(LoginArgs),
 }
 
 #[derive(Args)]
@@ -176,6 +215,78 @@ struct LoadArgs {
     server_pid: Option<u32>,
 }
 
+/// The database's own write rate, measured in the same run (see the module doc).
+#[derive(Args)]
+struct BaselineArgs {
+    /// Also measure a one-row INSERT into an events-shaped scratch table at the same
+    /// concurrency (pgbench on PostgreSQL, an sqlx pool on SQLite) and print the ratio
+    /// [default: true for prepare, false for flow].
+    #[arg(long, action = clap::ArgAction::Set)]
+    baseline: Option<bool>,
+    /// The server's database (its DATABASE_URL): the baseline runs on the same PostgreSQL
+    /// server (in a scratch database) or next to the SQLite file (in a scratch file).
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: Option<String>,
+    /// Seconds of baseline [default: the load's duration].
+    #[arg(long)]
+    baseline_duration: Option<u64>,
+}
+
+#[derive(Args)]
+struct PrepareArgs {
+    #[command(flatten)]
+    load: LoadArgs,
+    #[command(flatten)]
+    baseline: BaselineArgs,
+}
+
+#[derive(Args)]
+struct FlowArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Concurrent flow workers.
+    #[arg(long, default_value_t = 8)]
+    agents: usize,
+    /// Users, each with MFA, one funded wallet and one API key, shared out among the workers
+    /// [default: 8 per worker].
+    #[arg(long)]
+    users: Option<usize>,
+    /// Transactions per authorization: one TOTP code authorizes the whole batch
+    /// (`/api/authorize_transactions`, at most 50); 1 uses `/api/authorize_transaction`.
+    #[arg(long, default_value_t = 20)]
+    batch: usize,
+    /// Seconds of load.
+    #[arg(long, default_value_t = 30)]
+    duration: u64,
+    /// The chain the server uses (anvil, loopback): wallets are funded with `anvil_setBalance`.
+    #[arg(
+        long,
+        env = "WEB3_PROVIDER_URI",
+        default_value = "http://127.0.0.1:8545"
+    )]
+    chain_url: String,
+    /// Seconds to wait after the load for the receipts of the executed transactions.
+    #[arg(long, default_value_t = 20)]
+    drain: u64,
+    /// Server process id, to report its CPU use.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    #[command(flatten)]
+    baseline: BaselineArgs,
+}
+
+#[derive(Args)]
+struct LoginArgs {
+    #[command(flatten)]
+    load: LoadArgs,
+    /// Transactions each reader prepares first and then reads.
+    #[arg(long, default_value_t = 20)]
+    pool: usize,
+    /// Concurrent login loops (back to back) in the second phase.
+    #[arg(long, default_value_t = 8)]
+    logins: usize,
+}
+
 #[derive(Args)]
 struct StatusArgs {
     #[command(flatten)]
@@ -192,6 +303,8 @@ async fn main() -> Result<()> {
         Scenario::Idle(args) => idle_scenario(args).await,
         Scenario::Prepare(args) => prepare_scenario(args).await,
         Scenario::Status(args) => status_scenario(args).await,
+        Scenario::Flow(args) => flow_scenario(args).await,
+        Scenario::Login(args) => login_scenario(args).await,
     }
 }
 
@@ -217,13 +330,7 @@ struct Api {
 impl Api {
     fn new(url: &str) -> Result<Self> {
         let parsed = url::Url::parse(url).with_context(|| format!("--url {url}"))?;
-        let loopback = match parsed.host() {
-            Some(url::Host::Domain(d)) => d == "localhost",
-            Some(url::Host::Ipv4(a)) => a.is_loopback(),
-            Some(url::Host::Ipv6(a)) => a.is_loopback(),
-            None => false,
-        };
-        if parsed.scheme() != "http" || !loopback {
+        if parsed.scheme() != "http" || !is_loopback(&parsed) {
             bail!("--url must be http:// on a loopback address (127.0.0.0/8, localhost, [::1])");
         }
         let client = reqwest::Client::builder()
@@ -378,7 +485,18 @@ impl User {
     async fn fresh_code(&mut self) -> String {
         loop {
             let now = unix_step();
-            let step = (self.last_step + 1).max(now.saturating_sub(1));
+            // The previous step's code expires with this step: in its last seconds the clock
+            // could tick before the server checks it (a refused code counts towards the MFA
+            // lockout), so then start from the current step.
+            let secs_into_step = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() % TOTP_STEP_SECS);
+            let earliest = if secs_into_step < TOTP_STEP_SECS - 5 {
+                now.saturating_sub(1)
+            } else {
+                now
+            };
+            let step = (self.last_step + 1).max(earliest);
             if step <= now + 1 {
                 self.last_step = step;
                 return self.totp.code_at_step(step);
@@ -484,6 +602,17 @@ impl User {
 /// `n_keys` API keys spread evenly over `n_users` fresh users. The order is stable: keys of
 /// user 0 first. Each user issues its keys one after the other (codes must be spent in order).
 async fn setup_keys(api: &Api, common: &Common, n_keys: usize, n_users: usize) -> Result<Vec<Key>> {
+    let owners = setup_owners(api, common, n_keys, n_users).await?;
+    Ok(owners.into_iter().flat_map(|(_, keys)| keys).collect())
+}
+
+/// [`setup_keys`], keeping each user (to authorize with its TOTP codes) with its keys.
+async fn setup_owners(
+    api: &Api,
+    common: &Common,
+    n_keys: usize,
+    n_users: usize,
+) -> Result<Vec<(User, Vec<Key>)>> {
     let n_users = n_users.clamp(1, n_keys.max(1));
     let per_user = n_keys.div_ceil(n_users);
     // Confirming MFA takes one of the three steps usable at once; each key after the second
@@ -512,10 +641,10 @@ async fn setup_keys(api: &Api, common: &Common, n_keys: usize, n_users: usize) -
                     started.elapsed().as_secs_f64()
                 );
             }
-            anyhow::Ok((u, keys))
+            anyhow::Ok((u, user, keys))
         }
     });
-    let mut results: Vec<(usize, Vec<Key>)> = tokio::time::timeout(
+    let mut results: Vec<(usize, User, Vec<Key>)> = tokio::time::timeout(
         Duration::from_secs(common.setup_timeout),
         futures::stream::iter(tasks)
             .buffer_unordered(common.setup_concurrency.max(1))
@@ -525,9 +654,12 @@ async fn setup_keys(api: &Api, common: &Common, n_keys: usize, n_users: usize) -
     .context("set-up timed out (--setup-timeout)")?
     .into_iter()
     .collect::<Result<_>>()?;
-    results.sort_by_key(|(u, _)| *u);
+    results.sort_by_key(|(u, _, _)| *u);
     println!("setup: done in {:.1} s", started.elapsed().as_secs_f64());
-    Ok(results.into_iter().flat_map(|(_, keys)| keys).collect())
+    Ok(results
+        .into_iter()
+        .map(|(_, user, keys)| (user, keys))
+        .collect())
 }
 
 fn random_address() -> String {
@@ -1119,7 +1251,12 @@ async fn idle_scenario(args: IdleArgs) -> Result<()> {
     Ok(())
 }
 
-async fn prepare_scenario(args: LoadArgs) -> Result<()> {
+async fn prepare_scenario(args: PrepareArgs) -> Result<()> {
+    let PrepareArgs {
+        load: args,
+        baseline,
+    } = args;
+    let database = baseline_database(&baseline, true)?;
     let api = Api::new(&args.common.url)?;
     let agents = args.agents.max(1);
     let keys = Arc::new(setup_keys(&api, &args.common, agents, agents.div_ceil(2)).await?);
@@ -1147,6 +1284,12 @@ async fn prepare_scenario(args: LoadArgs) -> Result<()> {
     rows.extend(latency_rows("latency", &mut load.latencies_us));
     rows.extend(error_rows(&load.errors));
     rows.extend(cpu.rows());
+    if let Some(database) = database {
+        let seconds = baseline.baseline_duration.unwrap_or(args.duration);
+        let measured = run_baseline(&database, agents, seconds).await?;
+        let req_s = load.ok as f64 / load.elapsed.as_secs_f64().max(1e-9);
+        rows.extend(measured.rows(req_s, "prepare req/s"));
+    }
     print_table("prepare: POST /api/prepare_transaction", &rows);
     Ok(())
 }
@@ -1181,22 +1324,7 @@ async fn status_scenario(args: StatusArgs) -> Result<()> {
             let (api, keys, pools) = (api2.clone(), keys.clone(), pools.clone());
             async move {
                 let id = &pools[w][i % pools[w].len()];
-                let path = format!("/api/transaction_status?transaction_id={id}");
-                let result = api
-                    .call(
-                        reqwest::Method::GET,
-                        &path,
-                        Auth::Key(&keys[w].secret),
-                        None,
-                    )
-                    .await;
-                if let Some(label) = error_label(&result, StatusCode::OK) {
-                    return Err(label);
-                }
-                match result {
-                    Ok((_, body)) if body["transaction_id"] == id.as_str() => Ok(None),
-                    _ => Err("wrong transaction in response".into()),
-                }
+                status_read(&api, &keys[w], id).await
             }
         },
     )
@@ -1215,5 +1343,763 @@ async fn status_scenario(args: StatusArgs) -> Result<()> {
     rows.extend(error_rows(&load.errors));
     rows.extend(cpu.rows());
     print_table("status: GET /api/transaction_status", &rows);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Baselines: the database's own one-row INSERT rate, in the same run
+// ---------------------------------------------------------------------------------------------
+
+/// A `TransactionPrepared`-sized payload and metadata (about 700 bytes together). Every colon
+/// is followed by a space: pgbench reads `:name` in a script as a variable.
+const BASELINE_PAYLOAD: &str = r#"{"TransactionPrepared": {"transaction_id": "5b0e9c1e-8a51-4c3e-9a43-2f7f4f3c1d2a", "wallet_address": "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed", "owner_user_id": "0d6f5b8e-3c1a-4a59-8f67-1c2d3e4f5a6b", "api_key_id": "9f8e7d6c-5b4a-4392-8170-6f5e4d3c2b1a", "kind": "native", "payload": {"chain_id": 31337, "from": "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed", "to": "0xfB6916095ca1df60bB79Ce92cE3Ea74c37c5d359", "value": "1", "data": "0x"}, "payload_digest": "3f0c1e2d4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0", "summary": "Send 0.000000000000000001 ETH to 0xfB69…d359", "memo": null, "expires_at": "2026-11-29T10:15:00Z", "simulation": {"outcome": {"status": "success"}, "gas_estimate": 21000, "max_fee_per_gas": 2000000000, "max_fee_wei": "50400000000000"}}}"#;
+const BASELINE_METADATA: &str = r#"{"actor": "9f8e7d6c-5b4a-4392-8170-6f5e4d3c2b1a", "actor_type": "api_key", "request_id": "1c9d2f6e-7b3a-4e58-a1d0-3b2c1d0e9f8a", "time": "2026-11-29T10:00:00.123456Z", "source_ip": "127.0.0.1"}"#;
+
+/// The server's database, for the baseline.
+enum BaselineDb {
+    Postgres(String),
+    Sqlite(std::path::PathBuf),
+}
+
+fn is_loopback(url: &url::Url) -> bool {
+    match url.host() {
+        // Non-http schemes (postgres://) leave IP addresses unparsed.
+        Some(url::Host::Domain(d)) => {
+            d == "localhost"
+                || d.trim_matches(['[', ']'])
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|a| a.is_loopback())
+        }
+        Some(url::Host::Ipv4(a)) => a.is_loopback(),
+        Some(url::Host::Ipv6(a)) => a.is_loopback(),
+        None => false,
+    }
+}
+
+/// Which baseline to run, if any (`default_on` when `--baseline` is not given).
+fn baseline_database(args: &BaselineArgs, default_on: bool) -> Result<Option<BaselineDb>> {
+    if !args.baseline.unwrap_or(default_on) {
+        return Ok(None);
+    }
+    let Some(url) = args.database_url.as_deref() else {
+        bail!(
+            "the baseline needs the server's database: pass --database-url (or set \
+             DATABASE_URL), or --baseline false"
+        );
+    };
+    let (scheme, rest) = url
+        .split_once("://")
+        .context("--database-url is not a URL")?;
+    match scheme {
+        "postgres" | "postgresql" => {
+            let parsed = url::Url::parse(url).context("--database-url")?;
+            if !is_loopback(&parsed) {
+                bail!("--database-url must name a PostgreSQL server on a loopback address");
+            }
+            Ok(Some(BaselineDb::Postgres(url.to_owned())))
+        }
+        "sqlite" => {
+            let path = rest.split('?').next().unwrap_or_default();
+            if path.is_empty() || path == ":memory:" {
+                bail!("--database-url must name the server's SQLite file");
+            }
+            Ok(Some(BaselineDb::Sqlite(path.into())))
+        }
+        other => bail!("--database-url: unsupported scheme {other:?}"),
+    }
+}
+
+/// What the baseline measured.
+struct Baseline {
+    what: String,
+    tps: f64,
+    latency_avg_ms: Option<f64>,
+    latency_p99_ms: Option<f64>,
+}
+
+impl Baseline {
+    fn rows(&self, req_s: f64, label: &str) -> Vec<(String, String)> {
+        let mut rows = vec![
+            ("baseline".to_owned(), self.what.clone()),
+            (
+                "baseline INSERT tps".to_owned(),
+                format!("{:.1}/s", self.tps),
+            ),
+        ];
+        if let Some(avg) = self.latency_avg_ms {
+            rows.push(("baseline latency avg".into(), format!("{avg:.3} ms")));
+        }
+        if let Some(p99) = self.latency_p99_ms {
+            rows.push(("baseline latency p99".into(), format!("{p99:.3} ms")));
+        }
+        rows.push((
+            format!("ratio = {label} / baseline tps"),
+            format!("{:.3}", req_s / self.tps.max(1e-9)),
+        ));
+        rows
+    }
+}
+
+async fn run_baseline(db: &BaselineDb, concurrency: usize, seconds: u64) -> Result<Baseline> {
+    let concurrency = concurrency.max(1);
+    let seconds = seconds.max(1);
+    println!("baseline: one-row INSERTs, {concurrency} concurrent, {seconds} s");
+    match db {
+        BaselineDb::Postgres(url) => pgbench_baseline(url, concurrency, seconds).await,
+        BaselineDb::Sqlite(path) => sqlite_baseline(path, concurrency, seconds).await,
+    }
+}
+
+/// pgbench with a one-row INSERT into an events-shaped table (the events table's columns,
+/// types, primary key and position index; no position trigger) in a scratch database on the
+/// server's PostgreSQL, dropped afterwards.
+async fn pgbench_baseline(url: &str, clients: usize, seconds: u64) -> Result<Baseline> {
+    let name = format!("loadgen_baseline_{:08x}", rand::random::<u32>());
+    let admin = sqlx::PgPool::connect(url)
+        .await
+        .context("connecting to --database-url")?;
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&admin)
+        .await
+        .context("creating the scratch database")?;
+    let mut scratch_url = url::Url::parse(url)?;
+    scratch_url.set_path(&name);
+    let result = async {
+        let scratch = sqlx::PgPool::connect(scratch_url.as_str()).await?;
+        sqlx::raw_sql(
+            "CREATE SEQUENCE events_position_seq AS bigint;
+             CREATE TABLE events
+             (
+                 aggregate_type text                         NOT NULL,
+                 aggregate_id   text                         NOT NULL,
+                 sequence       bigint CHECK (sequence >= 0) NOT NULL,
+                 event_type     text                         NOT NULL,
+                 event_version  text                         NOT NULL,
+                 payload        jsonb                        NOT NULL,
+                 metadata       jsonb                        NOT NULL,
+                 position       bigint NOT NULL DEFAULT nextval('events_position_seq'),
+                 recorded_at    timestamptz                  NOT NULL DEFAULT clock_timestamp(),
+                 PRIMARY KEY (aggregate_type, aggregate_id, sequence)
+             );
+             CREATE UNIQUE INDEX events_position_idx ON events (position);",
+        )
+        .execute(&scratch)
+        .await?;
+        scratch.close().await;
+        let dir = tempfile_dir()?;
+        let script = dir.join("insert.sql");
+        std::fs::write(
+            &script,
+            format!(
+                "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, \
+                 event_version, payload, metadata) VALUES ('Transaction', \
+                 CAST(gen_random_uuid() AS text), 0, 'TransactionPrepared', '1.0', \
+                 '{BASELINE_PAYLOAD}', '{BASELINE_METADATA}');\n"
+            ),
+        )?;
+        let threads = clients.min(2);
+        let output = tokio::process::Command::new("pgbench")
+            .args(["-n", "-c", &clients.to_string(), "-j", &threads.to_string()])
+            .args(["-T", &seconds.to_string(), "-f"])
+            .arg(&script)
+            .arg(scratch_url.as_str())
+            .output()
+            .await
+            .context("running pgbench (it comes with PostgreSQL; is it on PATH?)");
+        let _ = std::fs::remove_dir_all(&dir);
+        let output = output?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        if !output.status.success() {
+            bail!(
+                "pgbench failed: {}{}",
+                stdout,
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        let number_after = |prefix: &str| {
+            stdout
+                .lines()
+                .find_map(|l| l.trim().strip_prefix(prefix))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse::<f64>().ok())
+        };
+        let tps = number_after("tps = ").context("no tps in pgbench's output")?;
+        let failed = number_after("number of failed transactions: ").unwrap_or(0.0);
+        if failed > 0.0 {
+            bail!("pgbench: {failed} failed transactions:\n{stdout}");
+        }
+        Ok(Baseline {
+            what: format!("pgbench -n -c {clients} -j {threads} -T {seconds}"),
+            tps,
+            latency_avg_ms: number_after("latency average = "),
+            latency_p99_ms: None,
+        })
+    }
+    .await;
+    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(&admin)
+        .await;
+    admin.close().await;
+    result
+}
+
+/// A private scratch directory under the system temp dir.
+fn tempfile_dir() -> Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("loadgen-{:08x}", rand::random::<u32>()));
+    std::fs::create_dir(&dir)?;
+    Ok(dir)
+}
+
+/// The same one-row INSERT through an sqlx pool with the server's SQLite options (WAL,
+/// synchronous=FULL, 10 s busy timeout, 8 connections: see `src/store.rs`) into an
+/// events-shaped table in a scratch file next to the server's database, removed afterwards.
+async fn sqlite_baseline(
+    server_db: &std::path::Path,
+    tasks: usize,
+    seconds: u64,
+) -> Result<Baseline> {
+    use sqlx::sqlite::{
+        SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
+    };
+    let dir = match server_db.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let file = dir.join(format!("loadgen-baseline-{:08x}.db", rand::random::<u32>()));
+    let options = SqliteConnectOptions::new()
+        .filename(&file)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .busy_timeout(Duration::from_secs(10))
+        .foreign_keys(true);
+    let pool = SqlitePoolOptions::new()
+        .max_connections(8)
+        .connect_with(options)
+        .await
+        .with_context(|| format!("creating {}", file.display()))?;
+    let result = async {
+        sqlx::raw_sql(
+            "CREATE TABLE events
+             (
+                 aggregate_type text                          NOT NULL,
+                 aggregate_id   text                          NOT NULL,
+                 sequence       integer CHECK (sequence >= 0) NOT NULL,
+                 event_type     text                          NOT NULL,
+                 event_version  text                          NOT NULL,
+                 payload        text                          NOT NULL,
+                 metadata       text                          NOT NULL,
+                 position       integer UNIQUE,
+                 recorded_at    text NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+                 PRIMARY KEY (aggregate_type, aggregate_id, sequence)
+             ) STRICT;",
+        )
+        .execute(&pool)
+        .await?;
+        let position = Arc::new(AtomicU64::new(0));
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(seconds);
+        let handles: Vec<_> = (0..tasks)
+            .map(|_| {
+                let (pool, position) = (pool.clone(), position.clone());
+                tokio::spawn(async move {
+                    let mut latencies = Vec::new();
+                    while Instant::now() < deadline {
+                        let t = Instant::now();
+                        sqlx::query(
+                            "INSERT INTO events (aggregate_type, aggregate_id, sequence, \
+                             event_type, event_version, payload, metadata, position) \
+                             VALUES ('Transaction', $1, 0, 'TransactionPrepared', '1.0', $2, $3, \
+                             $4)",
+                        )
+                        .bind(uuid::Uuid::new_v4().to_string())
+                        .bind(BASELINE_PAYLOAD)
+                        .bind(BASELINE_METADATA)
+                        .bind(position.fetch_add(1, Ordering::Relaxed) as i64 + 1)
+                        .execute(&pool)
+                        .await?;
+                        latencies.push(t.elapsed().as_micros() as i64);
+                    }
+                    anyhow::Ok(latencies)
+                })
+            })
+            .collect();
+        let mut latencies = Vec::new();
+        for h in handles {
+            latencies.extend(h.await??);
+        }
+        let elapsed = started.elapsed();
+        latencies.sort_unstable();
+        let avg = latencies.iter().sum::<i64>() as f64 / latencies.len().max(1) as f64 / 1000.0;
+        Ok(Baseline {
+            what: format!("sqlx pool (WAL, sync=FULL), {tasks} tasks, {seconds} s"),
+            tps: latencies.len() as f64 / elapsed.as_secs_f64(),
+            latency_avg_ms: Some(avg),
+            latency_p99_ms: percentile(&latencies, 99.0).map(|us| us as f64 / 1000.0),
+        })
+    }
+    .await;
+    pool.close().await;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = file.clone().into_os_string();
+        name.push(suffix);
+        let _ = std::fs::remove_file(name);
+    }
+    result
+}
+
+// ---------------------------------------------------------------------------------------------
+// flow: prepare → authorize (TOTP) → execute, end to end
+// ---------------------------------------------------------------------------------------------
+
+/// A user with its wallet's API key.
+struct Owner {
+    user: User,
+    key: Key,
+}
+
+impl User {
+    /// Wait until a code for an unspent step is accepted, without spending it.
+    async fn wait_for_code(&self) {
+        while self.last_step + 1 > unix_step() + 1 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+#[derive(Default)]
+struct FlowReport {
+    flow_us: Vec<i64>,
+    prepare_us: Vec<i64>,
+    authorize_us: Vec<i64>,
+    execute_us: Vec<i64>,
+    totp_wait: Duration,
+    errors: BTreeMap<String, u64>,
+    /// Executed transactions and the key that may read them.
+    executed: Vec<(String, String)>,
+}
+
+/// Authorize `ids` with one fresh code of `user` (one id: the single endpoint). A request that
+/// crosses a step boundary can miss its window; then the next step is tried (a few times).
+async fn authorize_batch(api: &Api, user: &mut User, ids: &[String]) -> Result<(), String> {
+    let (path, mut body) = match ids {
+        [id] => ("/api/authorize_transaction", json!({"transaction_id": id})),
+        _ => (
+            "/api/authorize_transactions",
+            json!({"transaction_ids": ids}),
+        ),
+    };
+    for _ in 0..3 {
+        body["mfa_code"] = user.fresh_code().await.into();
+        let result = api
+            .call(
+                reqwest::Method::POST,
+                path,
+                Auth::Bearer(&user.token),
+                Some(&body),
+            )
+            .await;
+        match error_label(&result, StatusCode::OK) {
+            None => return Ok(()),
+            Some(label) if label == "HTTP 403 invalid_mfa_code" => continue,
+            Some(label) => return Err(label),
+        }
+    }
+    Err("HTTP 403 invalid_mfa_code".into())
+}
+
+async fn flow_worker(
+    api: Api,
+    mut owners: Vec<Owner>,
+    batch: usize,
+    deadline: Instant,
+) -> FlowReport {
+    let mut report = FlowReport::default();
+    let error = |report: &mut FlowReport, label: String| {
+        *report.errors.entry(label).or_default() += 1;
+    };
+    while Instant::now() < deadline && !owners.is_empty() {
+        // The owner whose next TOTP step comes first.
+        let i = (0..owners.len())
+            .min_by_key(|i| owners[*i].user.last_step)
+            .unwrap_or(0);
+        let owner = &mut owners[i];
+        let waited = Instant::now();
+        owner.user.wait_for_code().await;
+        report.totp_wait += waited.elapsed();
+        if Instant::now() >= deadline {
+            break;
+        }
+        let mut prepared: Vec<(String, Instant)> = Vec::with_capacity(batch);
+        for _ in 0..batch {
+            let t = Instant::now();
+            let result = api
+                .call(
+                    reqwest::Method::POST,
+                    "/api/prepare_transaction",
+                    Auth::Key(&owner.key.secret),
+                    Some(&prepare_body(&owner.key.wallet)),
+                )
+                .await;
+            report.prepare_us.push(t.elapsed().as_micros() as i64);
+            if let Some(label) = error_label(&result, StatusCode::CREATED) {
+                error(&mut report, format!("prepare: {label}"));
+                continue;
+            }
+            match result
+                .ok()
+                .and_then(|(_, b)| b["transaction_id"].as_str().map(str::to_owned))
+            {
+                Some(id) => prepared.push((id, t)),
+                None => error(&mut report, "prepare: 201 without transaction_id".into()),
+            }
+        }
+        if prepared.is_empty() {
+            continue;
+        }
+        let ids: Vec<String> = prepared.iter().map(|(id, _)| id.clone()).collect();
+        let t = Instant::now();
+        let authorized = authorize_batch(&api, &mut owner.user, &ids).await;
+        report.authorize_us.push(t.elapsed().as_micros() as i64);
+        if let Err(label) = authorized {
+            error(&mut report, format!("authorize: {label}"));
+            continue;
+        }
+        for (id, started) in prepared {
+            let t = Instant::now();
+            let result = api
+                .call(
+                    reqwest::Method::POST,
+                    "/api/execute_transaction",
+                    Auth::Key(&owner.key.secret),
+                    Some(&json!({"transaction_id": id})),
+                )
+                .await;
+            report.execute_us.push(t.elapsed().as_micros() as i64);
+            if let Some(label) = error_label(&result, StatusCode::OK) {
+                error(&mut report, format!("execute: {label}"));
+                continue;
+            }
+            let hashed = result.is_ok_and(|(_, b)| b["tx_hash"].as_str().is_some());
+            if !hashed {
+                error(&mut report, "execute: 200 without tx_hash".into());
+                continue;
+            }
+            report.flow_us.push(started.elapsed().as_micros() as i64);
+            report.executed.push((id, owner.key.secret.clone()));
+        }
+    }
+    report
+}
+
+/// Give `wallet` 1,000 ETH on the dev chain.
+async fn fund(client: &reqwest::Client, chain_url: &str, wallet: &str) -> Result<()> {
+    let body = json!({"jsonrpc": "2.0", "id": 1, "method": "anvil_setBalance",
+                      "params": [wallet, "0x3635C9ADC5DEA00000"]});
+    let resp: Value = client
+        .post(chain_url)
+        .json(&body)
+        .send()
+        .await
+        .context("--chain-url unreachable")?
+        .json()
+        .await?;
+    if resp.get("error").is_some() {
+        bail!("anvil_setBalance failed (is --chain-url an anvil node?): {resp}");
+    }
+    Ok(())
+}
+
+async fn flow_scenario(args: FlowArgs) -> Result<()> {
+    let database = baseline_database(&args.baseline, false)?;
+    let api = Api::new(&args.common.url)?;
+    let chain = url::Url::parse(&args.chain_url).context("--chain-url")?;
+    if !is_loopback(&chain) {
+        bail!("--chain-url must be on a loopback address");
+    }
+    let workers = args.agents.max(1);
+    let batch = args.batch.clamp(1, 50);
+    let n_users = args.users.unwrap_or(workers * 8).max(workers);
+    let owners = setup_owners(&api, &args.common, n_users, n_users).await?;
+    let client = reqwest::Client::builder().no_proxy().build()?;
+    for (user, _) in &owners {
+        fund(&client, chain.as_str(), &user.wallet).await?;
+    }
+    println!("setup: {n_users} wallets funded on {chain}");
+    // Owner u works for worker u % workers, so no two workers share a user's TOTP steps.
+    let mut shares: Vec<Vec<Owner>> = (0..workers).map(|_| Vec::new()).collect();
+    for (u, (user, mut keys)) in owners.into_iter().enumerate() {
+        let key = keys.pop().context("a user without a key")?;
+        shares[u % workers].push(Owner { user, key });
+    }
+    println!(
+        "load: {workers} workers for {} s, batches of {batch} (one TOTP code each), \
+         {n_users} users",
+        args.duration
+    );
+    let cpu = CpuMeter::start(args.server_pid);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(args.duration);
+    let handles: Vec<_> = shares
+        .into_iter()
+        .map(|share| tokio::spawn(flow_worker(api.clone(), share, batch, deadline)))
+        .collect();
+    let mut total = FlowReport::default();
+    for h in handles {
+        let r = h.await.context("flow worker panicked")?;
+        total.flow_us.extend(r.flow_us);
+        total.prepare_us.extend(r.prepare_us);
+        total.authorize_us.extend(r.authorize_us);
+        total.execute_us.extend(r.execute_us);
+        total.totp_wait += r.totp_wait;
+        for (k, v) in r.errors {
+            *total.errors.entry(k).or_default() += v;
+        }
+        total.executed.extend(r.executed);
+    }
+    let elapsed = started.elapsed();
+    let cpu_rows = cpu.rows();
+
+    // The receipts: every executed transaction should be mined and confirmed.
+    let drain_started = Instant::now();
+    let mut pending: Vec<(String, String)> = total.executed.clone();
+    let mut final_status: BTreeMap<String, u64> = BTreeMap::new();
+    while !pending.is_empty() {
+        let checks = futures::stream::iter(pending.into_iter().map(|(id, key)| {
+            let api = api.clone();
+            async move {
+                let path = format!("/api/transaction_status?transaction_id={id}");
+                let status = api
+                    .call(reqwest::Method::GET, &path, Auth::Key(&key), None)
+                    .await
+                    .ok()
+                    .and_then(|(_, b)| b["status"].as_str().map(str::to_owned));
+                (id, key, status)
+            }
+        }))
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+        let timed_out = drain_started.elapsed() > Duration::from_secs(args.drain);
+        pending = Vec::new();
+        for (id, key, status) in checks {
+            match status.as_deref() {
+                Some("confirmed") | Some("failed") => {
+                    *final_status.entry(status.unwrap_or_default()).or_default() += 1
+                }
+                other if timed_out => {
+                    *final_status
+                        .entry(other.unwrap_or("unreadable").to_owned())
+                        .or_default() += 1
+                }
+                _ => pending.push((id, key)),
+            }
+        }
+        if !pending.is_empty() {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    let flows = total.flow_us.len() as u64;
+    let worker_time = elapsed.as_secs_f64() * workers as f64;
+    let mut rows = vec![
+        ("workers".into(), workers.to_string()),
+        (
+            "users (MFA, funded wallet, key)".into(),
+            n_users.to_string(),
+        ),
+        ("transactions per TOTP code".into(), batch.to_string()),
+        ("duration".into(), format!("{:.1} s", elapsed.as_secs_f64())),
+        (
+            "flows (executed, 200 with tx_hash)".into(),
+            flows.to_string(),
+        ),
+        ("flows/s".into(), rate(flows, elapsed)),
+    ];
+    rows.extend(latency_rows(
+        "flow (prepare sent → executed)",
+        &mut total.flow_us,
+    ));
+    rows.push((
+        "prepare requests".into(),
+        total.prepare_us.len().to_string(),
+    ));
+    rows.extend(latency_rows("prepare", &mut total.prepare_us));
+    rows.push((
+        format!("authorize requests ({batch} per request)"),
+        total.authorize_us.len().to_string(),
+    ));
+    rows.extend(latency_rows("authorize", &mut total.authorize_us));
+    rows.push((
+        "execute requests".into(),
+        total.execute_us.len().to_string(),
+    ));
+    rows.extend(latency_rows("execute", &mut total.execute_us));
+    rows.push((
+        "waiting for a TOTP step".into(),
+        format!(
+            "{:.1} s ({:.0} % of worker time)",
+            total.totp_wait.as_secs_f64(),
+            total.totp_wait.as_secs_f64() / worker_time.max(1e-9) * 100.0
+        ),
+    ));
+    rows.extend(error_rows(&total.errors));
+    rows.push((
+        "receipts after load".into(),
+        format!("{:.1} s", drain_started.elapsed().as_secs_f64()),
+    ));
+    for (status, n) in &final_status {
+        rows.push((format!("  {status}"), n.to_string()));
+    }
+    rows.extend(cpu_rows);
+    if let Some(database) = database {
+        let seconds = args.baseline.baseline_duration.unwrap_or(args.duration);
+        let measured = run_baseline(&database, workers, seconds).await?;
+        rows.extend(measured.rows(flows as f64 / elapsed.as_secs_f64(), "flows/s"));
+    }
+    print_table(
+        "flow: prepare → authorize (TOTP) → execute on the chain",
+        &rows,
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// login: argon2id logins next to other traffic
+// ---------------------------------------------------------------------------------------------
+
+/// One `transaction_status` read of `id` by `key`: a 200 naming the transaction asked for.
+async fn status_read(api: &Api, key: &Key, id: &str) -> Outcome {
+    let path = format!("/api/transaction_status?transaction_id={id}");
+    let result = api
+        .call(reqwest::Method::GET, &path, Auth::Key(&key.secret), None)
+        .await;
+    if let Some(label) = error_label(&result, StatusCode::OK) {
+        return Err(label);
+    }
+    match result {
+        Ok((_, body)) if body["transaction_id"] == id => Ok(None),
+        _ => Err("wrong transaction in response".into()),
+    }
+}
+
+async fn login_scenario(args: LoginArgs) -> Result<()> {
+    let common = &args.load.common;
+    let api = Api::new(&common.url)?;
+    let agents = args.load.agents.max(1);
+    let keys = Arc::new(setup_keys(&api, common, agents, agents.div_ceil(2)).await?);
+    let pool = args.pool.max(1);
+    let mut pools: Vec<Vec<String>> = vec![Vec::with_capacity(pool); agents];
+    for (k, ids) in pools.iter_mut().enumerate() {
+        for _ in 0..pool {
+            match prepare_one(&api, &keys, k).await {
+                Ok(Some(p)) => ids.push(p.transaction_id),
+                other => bail!("preparing the pool failed: {:?}", other.err()),
+            }
+        }
+    }
+    let pools = Arc::new(pools);
+    let username = format!("lg-{:08x}-login", rand::random::<u32>());
+    let creds = json!({"username": username, "password": PASSWORD});
+    api.post(
+        "/api/register",
+        Auth::None,
+        creds.clone(),
+        StatusCode::CREATED,
+    )
+    .await?;
+    let duration = Duration::from_secs(args.load.duration);
+    let reads = |api: Api| {
+        let (keys, pools) = (keys.clone(), pools.clone());
+        move |w: usize, i: usize| {
+            let (api, keys, pools) = (api.clone(), keys.clone(), pools.clone());
+            async move {
+                let id = &pools[w][i % pools[w].len()];
+                status_read(&api, &keys[w], id).await
+            }
+        }
+    };
+
+    println!(
+        "phase 1: {agents} readers alone for {} s",
+        duration.as_secs()
+    );
+    let cpu = CpuMeter::start(args.load.server_pid);
+    let mut alone = run_load(agents, duration, 0.0, reads(api.clone())).await;
+    let cpu_alone = cpu.rows();
+
+    println!(
+        "phase 2: {agents} readers and {} login loops for {} s",
+        args.logins,
+        duration.as_secs()
+    );
+    let cpu = CpuMeter::start(args.load.server_pid);
+    let login_api = api.clone();
+    let login_creds = creds.clone();
+    let logins = run_load(args.logins.max(1), duration, 0.0, move |_, _| {
+        let (api, creds) = (login_api.clone(), login_creds.clone());
+        async move {
+            let result = api
+                .call(
+                    reqwest::Method::POST,
+                    "/api/login",
+                    Auth::None,
+                    Some(&creds),
+                )
+                .await;
+            match error_label(&result, StatusCode::OK) {
+                None => Ok(None),
+                Some(label) => Err(label),
+            }
+        }
+    });
+    let (mut with, mut logins) =
+        tokio::join!(run_load(agents, duration, 0.0, reads(api.clone())), logins);
+    let cpu_with = cpu.rows();
+
+    let mut rows = vec![
+        ("readers (one key each)".into(), agents.to_string()),
+        (
+            "login loops (back to back)".into(),
+            args.logins.max(1).to_string(),
+        ),
+        ("phase duration".into(), format!("{} s", duration.as_secs())),
+        ("reads/s, alone".into(), rate(alone.ok, alone.elapsed)),
+    ];
+    rows.extend(latency_rows("read alone", &mut alone.latencies_us));
+    rows.extend(
+        error_rows(&alone.errors)
+            .into_iter()
+            .map(|(k, v)| (format!("read alone {k}"), v)),
+    );
+    rows.extend(
+        cpu_alone
+            .into_iter()
+            .map(|(k, v)| (format!("{k}, alone"), v)),
+    );
+    rows.push(("reads/s, with logins".into(), rate(with.ok, with.elapsed)));
+    rows.extend(latency_rows("read with logins", &mut with.latencies_us));
+    rows.extend(
+        error_rows(&with.errors)
+            .into_iter()
+            .map(|(k, v)| (format!("read with logins {k}"), v)),
+    );
+    rows.push(("logins (200)".into(), logins.ok.to_string()));
+    rows.push(("logins/s".into(), rate(logins.ok, logins.elapsed)));
+    rows.extend(latency_rows("login", &mut logins.latencies_us));
+    rows.extend(
+        error_rows(&logins.errors)
+            .into_iter()
+            .map(|(k, v)| (format!("login {k}"), v)),
+    );
+    rows.extend(
+        cpu_with
+            .into_iter()
+            .map(|(k, v)| (format!("{k}, with logins"), v)),
+    );
+    print_table(
+        "login: transaction_status reads alone, then next to argon2id logins",
+        &rows,
+    );
     Ok(())
 }
