@@ -471,12 +471,17 @@ pub async fn authorize_many(
         &request_id,
     )
     .await?;
-    let mut refused = Vec::new();
-    for (i, id) in ids.iter().enumerate() {
-        if let Err(e) = record_authorization(&state, &user, id, &request_id).await {
-            refused.push((i, e));
-        }
-    }
+    // All at once: the writer commits them together (one transaction, not one per id).
+    let outcomes = futures::future::join_all(
+        ids.iter()
+            .map(|id| record_authorization(&state, &user, id, &request_id)),
+    )
+    .await;
+    let refused: Vec<(usize, ApiError)> = outcomes
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, outcome)| outcome.err().map(|e| (i, e)))
+        .collect();
     if let Some((i, e)) = refused.first() {
         let field = format!("transaction_ids[{i}]");
         let message = format!(
