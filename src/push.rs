@@ -308,10 +308,8 @@ impl Hub {
     /// reading them back, if they continue exactly where the hub is and no pump is running.
     /// Otherwise wake the pump, which reads them from the database (the source of truth).
     pub fn publish(&self, after: i64, upto: i64, events: &[PushRow]) {
-        let Ok(_pumping) = self.pumping.try_lock() else {
-            self.wake();
-            return;
-        };
+        // No wait for a running pump: it routes only what is above the cursor when it is done
+        // reading, so whichever of the two gets the state lock first routes an event, once.
         let cursor = {
             let mut state = self.lock();
             if state.cursor != after {
@@ -344,15 +342,18 @@ impl Hub {
             let reached = rows.last().map_or(upto, |r| r.position);
             {
                 let mut state = self.lock();
-                for row in &rows {
+                // `publish` may have routed some of these meanwhile (this node's commits).
+                let routed = state.cursor;
+                for row in rows.iter().filter(|r| r.position > routed) {
                     Self::route(&mut state, row);
                 }
                 // A full page may stop short of `upto`; otherwise nothing routable remains.
-                state.cursor = if rows.len() as i64 == PAGE {
+                let reached = if rows.len() as i64 == PAGE {
                     reached
                 } else {
                     upto
                 };
+                state.cursor = state.cursor.max(reached);
             }
             self.position.send_replace(self.lock().cursor);
             if (rows.len() as i64) < PAGE {
@@ -472,6 +473,11 @@ impl Hub {
             }
             loop {
                 match listener.recv().await {
+                    // This node's own commits are usually routed already (`publish`).
+                    Ok(n)
+                        if n.payload()
+                            .parse::<i64>()
+                            .is_ok_and(|p| p <= self.lock().cursor) => {}
                     Ok(_) => self.wake(),
                     Err(e) => {
                         tracing::warn!(error = %e, "notification stream broke; reconnecting");
