@@ -7,6 +7,7 @@ mod model;
 use aggregates::TransactionStatus;
 use model::{Cap, Code, Executor, Step, Who, World};
 use proptest::prelude::*;
+use proptest::test_runner::FileFailurePersistence;
 
 fn who() -> impl Strategy<Value = Who> {
     prop_oneof![4 => Just(Who::Owner), 1 => Just(Who::Stranger)]
@@ -101,7 +102,15 @@ fn run(steps: &[Step]) -> World {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+    // Failing cases are kept in the crate's `proptest-regressions/` (cargo runs tests from the
+    // crate root) and replayed before new ones.
+    #![proptest_config(ProptestConfig {
+        cases: 256,
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
+            "proptest-regressions/properties.txt",
+        ))),
+        ..ProptestConfig::default()
+    })]
 
     /// Never executed without the owner's authorization, never twice, only by the initiator;
     /// terminal states stay terminal; refusals emit nothing; replays reproduce the state.
