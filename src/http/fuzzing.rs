@@ -18,7 +18,7 @@ use serde::de::DeserializeOwned;
 
 use super::error::{ApiError, ApiResult};
 use super::extract::{parse_json, ApiQuery};
-use super::{api_keys, audit, transactions, transfers, users, wallets, ws};
+use super::{api_keys, audit, sessions, transactions, transfers, users, wallets, ws};
 use crate::abi::{decode_revert, describe_call};
 use crate::explain::Call;
 
@@ -29,6 +29,7 @@ pub fn decode_any(bytes: &[u8]) {
     body::<users::LoginRequest>(bytes);
     body::<users::SetupMfaRequest>(bytes);
     body::<users::ConfirmMfaRequest>(bytes);
+    body::<sessions::ChangePasswordRequest>(bytes);
     body::<wallets::CreateWalletRequest>(bytes);
     body::<wallets::LoadWalletRequest>(bytes);
     body::<api_keys::IssueRequest>(bytes);
