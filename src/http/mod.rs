@@ -85,6 +85,13 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::from_fn(request_timeout))
+        .layer(axum::middleware::from_fn(record_source_ip))
+        .layer(CatchPanicLayer::custom(|_| {
+            ApiError::internal("handler panicked").into_response()
+        }))
+        // Outside the timeout and the panic catcher, so an allowed origin can read those too.
+        .layer(axum::middleware::from_fn_with_state(cors_state, cors::cors))
         .layer(SetResponseHeaderLayer::overriding(
             header::CACHE_CONTROL,
             HeaderValue::from_static("no-store"),
@@ -93,8 +100,10 @@ pub fn router(state: AppState) -> Router {
             header::X_CONTENT_TYPE_OPTIONS,
             HeaderValue::from_static("nosniff"),
         ))
-        // Nothing here is meant to be framed, embedded by other sites or sent a referrer;
-        // the web page sets its own, fuller CSP (`web.rs`). HSTS is the TLS proxy's job.
+        // Outermost of the response layers, so timeouts, caught panics and CORS preflights
+        // carry them too. Nothing here is meant to be framed, embedded by other sites or sent
+        // a referrer; the web page sets its own, fuller CSP (`web.rs`). HSTS is the TLS
+        // proxy's job.
         .layer(SetResponseHeaderLayer::if_not_present(
             header::CONTENT_SECURITY_POLICY,
             HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'"),
@@ -111,13 +120,6 @@ pub fn router(state: AppState) -> Router {
             HeaderName::from_static("cross-origin-resource-policy"),
             HeaderValue::from_static("same-origin"),
         ))
-        .layer(axum::middleware::from_fn(request_timeout))
-        .layer(axum::middleware::from_fn(record_source_ip))
-        .layer(CatchPanicLayer::custom(|_| {
-            ApiError::internal("handler panicked").into_response()
-        }))
-        // Outside the timeout and the panic catcher, so an allowed origin can read those too.
-        .layer(axum::middleware::from_fn_with_state(cors_state, cors::cors))
         // Outside the panic catcher, so a panic counts as the 500 it becomes.
         .layer(axum::middleware::from_fn_with_state(
             metrics_state,

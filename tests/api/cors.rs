@@ -138,6 +138,8 @@ async fn allowed_origins_get_cors_headers_and_others_none(backend: Backend) {
         }
         assert_eq!(header(h, "access-control-max-age"), "600");
         assert!(header(h, "vary").to_ascii_lowercase().contains("origin"));
+        // Answered by the CORS layer itself, and still under the security headers.
+        assert_common_headers(h, "preflight");
         // Tokens travel in headers, never cookies: credentials mode is never allowed.
         assert!(h.get("access-control-allow-credentials").is_none());
     }
