@@ -441,7 +441,8 @@ impl Projector {
         match self.append_inner(batch).await {
             Ok(appended) => Ok(appended),
             Err(ProjectorError::Store(StoreError::Database(e))) => Err(e),
-            Err(e) => Err(sqlx::Error::Protocol(e.to_string())),
+            // Not a connection fault: a 500, not a "retry later" 503.
+            Err(e) => Err(sqlx::Error::Decode(Box::new(e))),
         }
     }
 
