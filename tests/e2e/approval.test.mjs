@@ -261,8 +261,12 @@ test('a person approves an agent transaction live in the web page', { timeout: 1
   const replacement = (await replacementBox.textContent()).trim();
   assert.notEqual(replacement, secret);
   await page.getByTestId('mfa-confirm-code').fill(await codeSource(replacement, spentSteps)());
-  await page.getByTestId('mfa-confirm').click();
-  await page.getByTestId('mfa-state').filter({ hasText: /on|enabled|active/i }).waitFor();
+  // The state line reads "On" throughout a replacement, so wait for the confirmation itself.
+  const [confirmed] = await Promise.all([
+    page.waitForResponse((r) => r.url().endsWith('/api/confirm_mfa')),
+    page.getByTestId('mfa-confirm').click(),
+  ]);
+  assert.equal(confirmed.status(), 200);
   const ended = await fetch(`${server.base}/api/me`, { headers: { authorization: before } });
   assert.equal(ended.status, 401);
   const later = await agent('/api/prepare_transaction', { wallet_address: wallet, kind: 'native', to: recipient, value: '3000' });
