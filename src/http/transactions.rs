@@ -234,15 +234,15 @@ pub(super) async fn record_prepared(
         now,
         expires_at,
     }));
-    state
-        .execute(
-            &state.transactions,
-            &transaction_id,
-            command,
-            actor,
-            request_id,
-        )
-        .await?;
+    let new = transaction_id.clone();
+    let execute = state.execute(
+        &state.transactions,
+        &transaction_id,
+        command,
+        actor,
+        request_id,
+    );
+    crate::writer::NEW_AGGREGATE.scope(new, execute).await?;
     Ok((transaction_id, expires_at))
 }
 

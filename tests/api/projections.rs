@@ -5,11 +5,15 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use aggregates::{Transaction, TransactionCommand};
+use aggregates::{
+    SecurityLog, SecurityLogCommand, SecurityLogError, Transaction, TransactionCommand,
+};
 use countersign::chain::KeyringSigner;
 use countersign::projector::Projector;
 use countersign::store::{Actor, Db};
+use countersign::writer::{Writer, NEW_AGGREGATE};
 use countersign::Application;
+use cqrs_es::AggregateError;
 use futures::future::join_all;
 use projections::{TransactionView, ViewKind};
 use reqwest::StatusCode;
@@ -23,6 +27,7 @@ on_both_backends!(
     events_committed_while_no_server_runs_reach_views_at_start,
     views_are_exact_after_a_crash_under_load,
     a_commit_folds_events_another_writer_left_unprojected,
+    a_made_up_id_that_is_taken_conflicts_instead_of_forking_history,
 );
 
 async fn checkpoint(db: &Db) -> i64 {
@@ -262,6 +267,61 @@ async fn a_commit_folds_events_another_writer_left_unprojected(backend: Backend)
         .as_i64()
         .unwrap();
     assert_eq!(checkpoint(&db).await, head);
+    db.close().await;
+    app.cleanup().await;
+}
+
+/// A command on an id its task has just made up skips reading that aggregate's events (the
+/// prepare path). Were the id already taken, the store's unique key must refuse the append
+/// rather than let a second history start at sequence 1.
+async fn a_made_up_id_that_is_taken_conflicts_instead_of_forking_history(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let db = Db::connect(&app.store.url).await.unwrap();
+    let writer = Writer::spawn(Arc::new(Projector::new(db.clone())), None);
+    let log = countersign::store::cqrs::<SecurityLog>(&db, &writer, ());
+    let id = uuid::Uuid::new_v4().to_string();
+    let rotation = || SecurityLogCommand::RecordKeyRotation {
+        from_key_ids: vec!["old".into()],
+        to_key_id: "new".into(),
+        rewrapped: 1,
+        failed: 0,
+        now: time::OffsetDateTime::now_utc(),
+    };
+    let history = || async {
+        let events = db.events_after(0, 1_000_000).await.unwrap();
+        events
+            .into_iter()
+            .filter(|e| e.aggregate_id == id)
+            .map(|e| e.sequence)
+            .collect::<Vec<_>>()
+    };
+    let metadata = || Actor::operator().metadata("test");
+    log.execute_with_metadata(&id, rotation(), metadata())
+        .await
+        .unwrap();
+
+    let forked = NEW_AGGREGATE
+        .scope(
+            id.clone(),
+            log.execute_with_metadata(&id, rotation(), metadata()),
+        )
+        .await;
+    assert!(
+        matches!(forked, Err(AggregateError::AggregateConflict)),
+        "{forked:?}"
+    );
+    assert_eq!(history().await, [1]);
+
+    // Outside the scope the history is read, and the aggregate judges the command on it.
+    let judged = log.execute_with_metadata(&id, rotation(), metadata()).await;
+    assert!(
+        matches!(
+            judged,
+            Err(AggregateError::UserError(SecurityLogError::AlreadyRecorded))
+        ),
+        "{judged:?}"
+    );
+    assert_eq!(history().await, [1]);
     db.close().await;
     app.cleanup().await;
 }
