@@ -12,6 +12,8 @@ use std::collections::HashMap;
 use projections::{StoredEvent, ViewDoc, ViewKind};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
 use tokio::sync::{watch, Mutex};
 
 use crate::push::PushRow;
@@ -600,6 +602,12 @@ impl Projector {
                     .await?;
             }
             tx.commit().await?;
+            let committed_at = OffsetDateTime::now_utc()
+                .format(&Rfc3339)
+                .unwrap_or_default();
+            for row in &mut pushed {
+                row.committed_at = Some(committed_at.clone());
+            }
             Ok(Appended {
                 after: checkpoint,
                 upto: last,

@@ -57,6 +57,11 @@ pub struct PushRow {
     pub event_type: String,
     pub payload: Value,
     pub recorded_at: String,
+    /// When this node's writer saw the commit acknowledged (RFC 3339, UTC). Only on events
+    /// committed here and handed straight to the hub; `None` for events read back from the log
+    /// (other nodes' commits, replays on resume).
+    #[sqlx(default)]
+    pub committed_at: Option<String>,
     pub owner_user_id: Option<String>,
     pub api_key_id: Option<String>,
     pub wallet_address: Option<String>,
@@ -86,6 +91,7 @@ impl PushRow {
             event_type: event.event_type.clone(),
             payload: event.payload.clone(),
             recorded_at: event.recorded_at.clone(),
+            committed_at: None,
             owner_user_id: None,
             api_key_id: None,
             wallet_address: None,
@@ -110,6 +116,7 @@ impl PushRow {
                     "aggregate_type": self.aggregate_type,
                     "aggregate_id": self.aggregate_id,
                     "recorded_at": self.recorded_at,
+                    "committed_at": self.committed_at,
                     "data": data,
                 })
                 .to_string(),
@@ -124,6 +131,7 @@ impl PushRow {
                 "wallet_address": self.wallet_address,
                 "status": status_after(&self.event_type),
                 "recorded_at": self.recorded_at,
+                "committed_at": self.committed_at,
                 "data": data,
             })
             .to_string(),

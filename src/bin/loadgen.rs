@@ -33,7 +33,10 @@
 //! `recorded_at` is stamped by the database when the event row is inserted (PostgreSQL:
 //! `clock_timestamp()`, µs; SQLite: `strftime(… %f)`, ms), on the same machine's clock. So it
 //! covers insert → commit → projector → hub → socket → client task: "commit to receipt" plus
-//! the (small) time between the insert and its commit. After the last prepare the sockets get
+//! the time between the insert and its commit (the rest of its batch transaction, and the
+//! commit's WAL flush), reported as `insert→receive`. `commit→receive` is `now_utc −
+//! committed_at`: the server stamps `committed_at` when its writer sees the commit
+//! acknowledged, just before handing the events to the hub. After the last prepare the sockets get
 //! `--drain` seconds to deliver what is still in flight, then the tool checks that every
 //! transaction it prepared (201) had its `TransactionPrepared` event arrive exactly once, on the
 //! socket of the key that prepared it: missing, duplicate, misrouted and unknown counts.
@@ -729,6 +732,8 @@ struct Received {
     transaction_id: String,
     event_type: String,
     latency_us: i64,
+    /// `now − committed_at` (`i64::MIN` when the server sent none: a replay).
+    after_commit_us: i64,
     received_at: OffsetDateTime,
 }
 
@@ -758,10 +763,14 @@ async fn subscribe(
                     if v["type"] != "event" {
                         continue;
                     }
-                    let latency_us = v["recorded_at"]
-                        .as_str()
-                        .and_then(|s| OffsetDateTime::parse(s, &Rfc3339).ok())
-                        .map_or(i64::MIN, |at| (now - at).whole_microseconds() as i64);
+                    let since = |field: &str| {
+                        v[field]
+                            .as_str()
+                            .and_then(|s| OffsetDateTime::parse(s, &Rfc3339).ok())
+                            .map_or(i64::MIN, |at| (now - at).whole_microseconds() as i64)
+                    };
+                    let latency_us = since("recorded_at");
+                    let after_commit_us = since("committed_at");
                     let event_type = v["event_type"].as_str().unwrap_or_default().to_owned();
                     if event_type == "TransactionPrepared" {
                         prepared_seen.fetch_add(1, Ordering::Relaxed);
@@ -770,6 +779,7 @@ async fn subscribe(
                         transaction_id: v["transaction_id"].as_str().unwrap_or_default().to_owned(),
                         event_type,
                         latency_us,
+                        after_commit_us,
                         received_at: now,
                     });
                 }
@@ -1098,6 +1108,7 @@ async fn ws_scenario(args: WsArgs) -> Result<()> {
     let mut arrivals: HashMap<&str, u32> = HashMap::new();
     let (mut misrouted, mut unknown, mut other_events) = (0u64, 0u64, 0u64);
     let mut latencies = Vec::new();
+    let mut after_commit = Vec::new();
     // Receipt relative to the prepare's own 201: the server brings the views up to date (and
     // so wakes the hub) before it answers, so this is roughly the hub → socket → client part.
     let mut after_response = Vec::new();
@@ -1112,6 +1123,9 @@ async fn ws_scenario(args: WsArgs) -> Result<()> {
                 continue;
             }
             latencies.push(e.latency_us);
+            if e.after_commit_us != i64::MIN {
+                after_commit.push(e.after_commit_us);
+            }
             match by_tx.get(e.transaction_id.as_str()) {
                 Some(p) => {
                     *arrivals.entry(e.transaction_id.as_str()).or_default() += 1;
@@ -1147,8 +1161,15 @@ async fn ws_scenario(args: WsArgs) -> Result<()> {
     rows.extend(error_rows(&load.errors));
     rows.push(("events received".into(), received.to_string()));
     rows.push(("events/s".into(), rate(received, load.elapsed)));
-    rows.extend(latency_rows("commit→receive", &mut latencies));
-    rows.push(("min commit→receive".into(), ms(latencies.first().copied())));
+    rows.extend(latency_rows("insert→receive", &mut latencies));
+    rows.push(("min insert→receive".into(), ms(latencies.first().copied())));
+    rows.extend(latency_rows("commit→receive", &mut after_commit));
+    rows.push((
+        "events without committed_at".into(),
+        received
+            .saturating_sub(after_commit.len() as u64)
+            .to_string(),
+    ));
     rows.extend(
         latency_rows("receive − own 201", &mut after_response)
             .into_iter()

@@ -6,6 +6,8 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -118,6 +120,14 @@ async fn owner_socket_gets_the_prompt_and_agent_socket_gets_the_decision(backend
     assert_eq!(prompt["data"]["initiator"]["api_key_name"], "agent");
     assert!(prompt["data"]["expires_at"].is_string());
     assert!(prompt["position"].as_i64().unwrap() > 0);
+    // Pushed straight from this node's commit: stamped once the commit was acknowledged.
+    let at = |field: &str| {
+        let text = prompt[field]
+            .as_str()
+            .unwrap_or_else(|| panic!("{field}: {prompt}"));
+        OffsetDateTime::parse(text, &Rfc3339).unwrap()
+    };
+    assert!(at("committed_at") >= at("recorded_at"), "{prompt}");
 
     let (status, _) = app.authorize(&mut user, &tx).await;
     assert_eq!(status, StatusCode::OK);
@@ -221,6 +231,8 @@ async fn resume_delivers_exactly_the_missed_events(backend: Backend) {
     );
     let (mut resumed, _) = tokio_tungstenite::connect_async(request).await.unwrap();
     let replayed = replay(&mut resumed).await;
+    // Read back from the log, not from a commit this socket saw happen.
+    assert!(replayed.iter().all(|e| e["committed_at"].is_null()));
     let live = app
         .prepare(&agent, native_body(&wallet, &random_address(), 9))
         .await;
