@@ -85,7 +85,7 @@ impl AppState {
             .await
             .map_err(|e| StoreError::Startup(e.to_string()))?;
         let projector = Arc::new(Projector::new(db.clone()));
-        let hub = Arc::new(Hub::new(db.clone()).await?);
+        let hub = Arc::new(Hub::new(db.clone(), projector.node()).await?);
         let writer = Writer::spawn(projector.clone(), Some(hub.clone()));
         Ok(Self(Arc::new(Inner {
             users: cqrs(&db, &writer, verifier as aggregates::UserServices)

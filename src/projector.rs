@@ -105,12 +105,12 @@ fn event_columns(backend: Backend) -> &'static str {
 /// the same code is compiled for each backend's transaction type.
 macro_rules! fold_into_views {
     ($tx:expr, $events:expr, $only:expr, $rebuilt:expr) => {
-        fold_into_views!($tx, $events, $only, $rebuilt, None::<i64>)
+        fold_into_views!($tx, $events, $only, $rebuilt, None::<(i64, String)>)
     };
     ($tx:expr, $events:expr, $only:expr, $rebuilt:expr, $advance_to:expr) => {{
         // `$advance_to` (Postgres only): also move the checkpoint there and notify the other
         // nodes, in the statement that writes the last documents (one round trip fewer).
-        let advance_to: Option<i64> = $advance_to;
+        let advance_to: Option<(i64, String)> = $advance_to;
         let only: Option<ViewKind> = $only;
         let mut rebuilt: Option<&mut std::collections::HashSet<(ViewKind, String)>> = $rebuilt;
         let upcasters = crate::upcast::upcasters();
@@ -189,7 +189,7 @@ macro_rules! fold_into_views {
         }
         let chunks = written.chunks(500).count();
         for (index, chunk) in written.chunks(500).enumerate() {
-            let advance = advance_to.filter(|_| index + 1 == chunks);
+            let advance = advance_to.clone().filter(|_| index + 1 == chunks);
             let mut q = sqlx::QueryBuilder::new(if advance.is_some() {
                 "WITH upserted AS (INSERT INTO views (kind, id, owner_user_id, wallet_address, \
                  api_key_id, status, created_position, position, payload) "
@@ -213,7 +213,7 @@ macro_rules! fold_into_views {
                  wallet_address = excluded.wallet_address, api_key_id = excluded.api_key_id, \
                  status = excluded.status, position = excluded.position, payload = excluded.payload",
             );
-            if let Some(position) = advance {
+            if let Some((position, notification)) = advance {
                 q.push("), advanced AS (UPDATE projection_checkpoints SET position = ")
                     .push_bind(position)
                     .push(" WHERE name = ")
@@ -221,7 +221,7 @@ macro_rules! fold_into_views {
                     .push(") SELECT pg_notify(")
                     .push_bind(crate::push::VIEWS_CHANNEL)
                     .push(", ")
-                    .push_bind(position.to_string())
+                    .push_bind(notification)
                     .push(")");
             }
             q.build().execute($tx).await?;
@@ -230,8 +230,16 @@ macro_rules! fold_into_views {
     }};
 }
 
+/// The payload of a checkpoint notification: the position reached and the node that got
+/// there, so a hub can ignore its own node's (which reach it directly, see [`crate::push`]).
+pub(crate) fn notification(position: i64, node: &str) -> String {
+    format!("{position}@{node}")
+}
+
 pub struct Projector {
     db: Db,
+    /// This process's id in checkpoint notifications.
+    node: String,
     /// One catch-up at a time per process; other processes are held off by the row lock.
     running: Mutex<()>,
     applied: watch::Sender<i64>,
@@ -241,9 +249,15 @@ impl Projector {
     pub fn new(db: Db) -> Self {
         Self {
             db,
+            node: uuid::Uuid::new_v4().simple().to_string(),
             running: Mutex::new(()),
             applied: watch::Sender::new(0),
         }
+    }
+
+    /// This process's id in the checkpoint notifications it sends.
+    pub fn node(&self) -> &str {
+        &self.node
     }
 
     /// The position up to which views are known to be current, as a watchable value.
@@ -344,7 +358,7 @@ impl Projector {
                 if self.db.backend() == Backend::Postgres {
                     sqlx::query("SELECT pg_notify($1, $2)")
                         .bind(crate::push::VIEWS_CHANNEL)
-                        .bind(upto.to_string())
+                        .bind(notification(upto, &self.node))
                         .execute(&mut *tx)
                         .await?;
                 }
@@ -410,7 +424,7 @@ impl Projector {
                 // Delivered at commit: wakes the push hub of every node.
                 sqlx::query("SELECT pg_notify($1, $2)")
                     .bind(crate::push::VIEWS_CHANNEL)
-                    .bind(last.to_string())
+                    .bind(notification(last, &self.node))
                     .execute(&mut *tx)
                     .await?;
             }
@@ -562,7 +576,8 @@ impl Projector {
                 });
             };
             let mut pushed: Vec<PushRow> = events.iter().map(PushRow::unrouted).collect();
-            let advance_to = (backend == Backend::Postgres).then_some(last);
+            let advance_to =
+                (backend == Backend::Postgres).then(|| (last, notification(last, &self.node)));
             let (written, advanced) =
                 fold_into_views!(&mut *tx, events, None::<ViewKind>, None, advance_to);
             // Route by the transaction's view as of this commit, as the hub's query would.
@@ -597,7 +612,7 @@ impl Projector {
                     .bind(last)
                     .bind(CHECKPOINT)
                     .bind(crate::push::VIEWS_CHANNEL)
-                    .bind(last.to_string())
+                    .bind(notification(last, &self.node))
                     .execute(&mut *tx)
                     .await?;
             }

@@ -229,6 +229,8 @@ pub struct Subscription {
 
 pub struct Hub {
     db: Db,
+    /// This node's id in checkpoint notifications ([`crate::projector::Projector::node`]).
+    node: String,
     state: Mutex<HubState>,
     pumping: tokio::sync::Mutex<()>,
     wake: Notify,
@@ -236,11 +238,13 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// Start at the current checkpoint: earlier events are served by replay.
-    pub async fn new(db: Db) -> Result<Self, StoreError> {
+    /// Start at the current checkpoint: earlier events are served by replay. `node` is the
+    /// id this node's projector signs its notifications with.
+    pub async fn new(db: Db, node: &str) -> Result<Self, StoreError> {
         let cursor = db.projection_checkpoint().await?;
         Ok(Self {
             db,
+            node: node.to_owned(),
             state: Mutex::new(HubState {
                 cursor,
                 next_id: 0,
@@ -460,6 +464,18 @@ impl Hub {
         }
     }
 
+    /// Whether a checkpoint notification (`position@node`) brings anything to read. This
+    /// node's own advances reach the hub directly — `publish`, or the projector's watch in
+    /// `run` — and its notification can arrive before `publish` has run: pumping for it would
+    /// only read back what `publish` is about to route.
+    fn needs_pump(&self, payload: &str) -> bool {
+        let (position, node) = payload.split_once('@').unwrap_or((payload, ""));
+        node != self.node
+            && position
+                .parse::<i64>()
+                .map_or(true, |p| p > self.lock().cursor)
+    }
+
     /// On Postgres, wake on every checkpoint advance made by any node.
     pub async fn listen(self: Arc<Self>) {
         let Db::Postgres(pool) = &self.db else {
@@ -481,11 +497,7 @@ impl Hub {
             }
             loop {
                 match listener.recv().await {
-                    // This node's own commits are usually routed already (`publish`).
-                    Ok(n)
-                        if n.payload()
-                            .parse::<i64>()
-                            .is_ok_and(|p| p <= self.lock().cursor) => {}
+                    Ok(n) if !self.needs_pump(n.payload()) => {}
                     Ok(_) => self.wake(),
                     Err(e) => {
                         tracing::warn!(error = %e, "notification stream broke; reconnecting");
