@@ -86,7 +86,8 @@ impl AppState {
             .map_err(|e| StoreError::Startup(e.to_string()))?;
         let projector = Arc::new(Projector::new(db.clone()));
         let hub = Arc::new(Hub::new(db.clone(), projector.node()).await?);
-        let writer = Writer::spawn(projector.clone(), Some(hub.clone()));
+        let writer = Writer::spawn(projector.clone(), Some(hub.clone()))
+            .map_err(|e| StoreError::Startup(format!("starting the event writer: {e}")))?;
         Ok(Self(Arc::new(Inner {
             users: cqrs(&db, &writer, verifier as aggregates::UserServices)
                 .append_query(Box::new(CommittedUserEvents)),

@@ -194,7 +194,7 @@ pub async fn set_role(username: &str, role: Role, grant: bool) -> anyhow::Result
     };
     // The writer projects the change into the views in the same transaction, so it takes
     // effect even if no server is running.
-    let writer = crate::writer::Writer::spawn(Arc::new(Projector::new(db.clone())), None);
+    let writer = crate::writer::Writer::spawn(Arc::new(Projector::new(db.clone())), None)?;
     let users = cqrs::<User>(&db, &writer, Arc::new(NoMfa) as aggregates::UserServices);
     let request_id = format!("cli-{}", uuid::Uuid::new_v4());
     let now = time::OffsetDateTime::now_utc();
@@ -366,7 +366,7 @@ pub async fn keys_rotate(dry_run: bool, batch: u32, json: bool) -> anyhow::Resul
 
 /// The rotation as a `MasterKeyRotated` event on a fresh `SecurityLog` instance.
 async fn record_rotation(db: &Db, report: &crate::keys::RotationReport) -> anyhow::Result<()> {
-    let writer = crate::writer::Writer::spawn(Arc::new(Projector::new(db.clone())), None);
+    let writer = crate::writer::Writer::spawn(Arc::new(Projector::new(db.clone())), None)?;
     let log = cqrs::<SecurityLog>(db, &writer, ());
     let command = SecurityLogCommand::RecordKeyRotation {
         from_key_ids: report.from_key_ids.clone(),

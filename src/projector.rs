@@ -255,6 +255,11 @@ impl Projector {
         }
     }
 
+    /// The pool catch-ups and rebuilds use.
+    pub(crate) fn db(&self) -> &Db {
+        &self.db
+    }
+
     /// This process's id in the checkpoint notifications it sends.
     pub fn node(&self) -> &str {
         &self.node
@@ -453,8 +458,8 @@ impl Projector {
     /// transaction: the caller then retries the commands one by one.
     ///
     /// The caller publishes the result: to the push hub, then with [`Projector::advance`].
-    pub(crate) async fn append(&self, batch: &[Append]) -> Result<Appended, sqlx::Error> {
-        match self.append_inner(batch).await {
+    pub(crate) async fn append(&self, db: &Db, batch: &[Append]) -> Result<Appended, sqlx::Error> {
+        match self.append_inner(db, batch).await {
             Ok(appended) => Ok(appended),
             Err(ProjectorError::Store(StoreError::Database(e))) => Err(e),
             // Not a connection fault: a 500, not a "retry later" 503.
@@ -474,8 +479,8 @@ impl Projector {
         });
     }
 
-    async fn append_inner(&self, batch: &[Append]) -> Result<Appended, ProjectorError> {
-        let backend = self.db.backend();
+    async fn append_inner(&self, db: &Db, batch: &[Append]) -> Result<Appended, ProjectorError> {
+        let backend = db.backend();
         let select_gap = format!(
             "SELECT {} FROM events WHERE position > $1 AND position < $2 ORDER BY position",
             event_columns(backend)
@@ -491,7 +496,7 @@ impl Projector {
             .iter()
             .flat_map(|a| a.events.iter().map(move |e| (a.aggregate_type, e)))
             .collect();
-        with_pool!(&self.db, |pool| {
+        with_pool!(&db, |pool| {
             let mut tx = pool.begin().await?;
             // The write lock first (row lock on Postgres, database lock on SQLite).
             let checkpoint: i64 = sqlx::query_scalar(

@@ -125,6 +125,26 @@ pub const MIN_CONNECTIONS: u32 = 4;
 /// A pooled PostgreSQL connection idle longer than this is pinged before use.
 const IDLE_PING_AFTER: Duration = Duration::from_secs(1);
 
+const SQLITE_MAX_CONNECTIONS: u32 = 8;
+
+fn pg_pool_options(max_connections: u32) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        // No ping per checkout under load; a connection that failed is dropped when released.
+        // One idle for a while may have died unseen (a database restart while nothing ran):
+        // ping it first, and replace it if that fails.
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for > IDLE_PING_AFTER {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
+}
+
 /// A connection pool to the configured backend.
 #[derive(Clone, Debug)]
 pub enum Db {
@@ -145,21 +165,7 @@ impl Db {
         match scheme {
             "postgres" | "postgresql" => {
                 let options = PgConnectOptions::from_str(url)?;
-                let pool = PgPoolOptions::new()
-                    .max_connections(max_connections.max(MIN_CONNECTIONS))
-                    .acquire_timeout(Duration::from_secs(10))
-                    // No ping per checkout under load; a connection that failed is dropped when
-                    // released. One idle for a while may have died unseen (a database restart
-                    // while nothing ran): ping it first, and replace it if that fails.
-                    .test_before_acquire(false)
-                    .before_acquire(|conn, meta| {
-                        Box::pin(async move {
-                            if meta.idle_for > IDLE_PING_AFTER {
-                                sqlx::Connection::ping(conn).await?;
-                            }
-                            Ok(true)
-                        })
-                    })
+                let pool = pg_pool_options(max_connections.max(MIN_CONNECTIONS))
                     .connect_with(options)
                     .await?;
                 Ok(Self::Postgres(pool))
@@ -173,12 +179,28 @@ impl Db {
                     .busy_timeout(Duration::from_secs(10))
                     .foreign_keys(true);
                 let pool = SqlitePoolOptions::new()
-                    .max_connections(8)
+                    .max_connections(SQLITE_MAX_CONNECTIONS)
                     .connect_with(options)
                     .await?;
                 Ok(Self::Sqlite(pool))
             }
             other => Err(StoreError::UnknownScheme(other.to_owned())),
+        }
+    }
+
+    /// A pool of its own with this one's connection options, for a task that runs on another
+    /// runtime (a connection serves the runtime it was opened on). Connects on first use.
+    pub fn dedicated(&self, max_connections: u32) -> Self {
+        match self {
+            Self::Postgres(pool) => Self::Postgres(
+                pg_pool_options(max_connections)
+                    .connect_lazy_with(pool.connect_options().as_ref().clone()),
+            ),
+            Self::Sqlite(pool) => Self::Sqlite(
+                SqlitePoolOptions::new()
+                    .max_connections(max_connections)
+                    .connect_lazy_with(pool.connect_options().as_ref().clone()),
+            ),
         }
     }
 

@@ -277,7 +277,7 @@ async fn a_commit_folds_events_another_writer_left_unprojected(backend: Backend)
 async fn a_made_up_id_that_is_taken_conflicts_instead_of_forking_history(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let db = Db::connect(&app.store.url).await.unwrap();
-    let writer = Writer::spawn(Arc::new(Projector::new(db.clone())), None);
+    let writer = Writer::spawn(Arc::new(Projector::new(db.clone())), None).unwrap();
     let log = countersign::store::cqrs::<SecurityLog>(&db, &writer, ());
     let id = uuid::Uuid::new_v4().to_string();
     let rotation = || SecurityLogCommand::RecordKeyRotation {
