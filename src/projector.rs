@@ -677,6 +677,29 @@ impl Db {
         payload.map(decode_view).transpose()
     }
 
+    /// [`api_key_view_by_hash`](Self::api_key_view_by_hash) and, in the same round trip, the
+    /// `kind` view `id` (if it exists). For reads an agent makes often (`transaction_status`).
+    pub async fn api_key_view_by_hash_and_view<K: DeserializeOwned, T: DeserializeOwned>(
+        &self,
+        key_hash: &str,
+        kind: ViewKind,
+        id: &str,
+    ) -> Result<Option<(K, Option<T>)>, StoreError> {
+        let row: Option<(Value, Option<Value>)> = with_pool!(self, |pool| sqlx::query_as(
+            "SELECT k.payload, t.payload FROM api_key_credentials c \
+             JOIN views k ON k.kind = 'api_key' AND k.id = c.api_key_id \
+             LEFT JOIN views t ON t.kind = $2 AND t.id = $3 \
+             WHERE c.key_hash = $1"
+        )
+        .bind(key_hash)
+        .bind(kind.as_str())
+        .bind(id)
+        .fetch_optional(pool)
+        .await?);
+        row.map(|(key, view)| Ok((decode_view(key)?, view.map(decode_view).transpose()?)))
+            .transpose()
+    }
+
     /// Views of one kind selected by a column (`owner_user_id`, `api_key_id` or
     /// `wallet_address`), newest first, optionally filtered by status.
     pub async fn views_by<T: DeserializeOwned>(

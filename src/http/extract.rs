@@ -192,34 +192,63 @@ impl AuthAgent {
 /// Rate-limited (see `limits`): an address that keeps presenting bad keys is refused before
 /// any lookup, and each key has a request rate. Both refusals are 429 with `Retry-After`.
 async fn agent_from_key(state: &AppState, key: &str) -> Result<AuthAgent, ApiError> {
-    let source_ip = crate::store::SOURCE_IP.try_with(|ip| *ip).ok();
-    state.limits.check_api_key_auth(source_ip)?;
-    let agent = match lookup_agent(state, key).await {
-        Err(e) if e.status == StatusCode::UNAUTHORIZED => {
-            state.limits.api_key_auth_failed(source_ip);
-            return Err(e);
-        }
-        other => other?,
-    };
-    state.limits.api_key_request(&agent.key.api_key_id)?;
-    Ok(agent)
+    authenticate_key(state, key, |hash| async move {
+        let view = state.db.api_key_view_by_hash(&hash).await?;
+        Ok(view.map(|view| (view, ())))
+    })
+    .await
+    .map(|(agent, ())| agent)
 }
 
-async fn lookup_agent(state: &AppState, key: &str) -> Result<AuthAgent, ApiError> {
+/// The agent presenting `key` and, read in the same round trip, the `kind` view `id` (which the
+/// caller must still check the agent may see). Authenticates exactly as the extractor does.
+pub(super) async fn agent_with_view<T: DeserializeOwned>(
+    state: &AppState,
+    key: &str,
+    kind: ViewKind,
+    id: &str,
+) -> Result<(AuthAgent, Option<T>), ApiError> {
+    authenticate_key(state, key.trim(), |hash| async move {
+        state
+            .db
+            .api_key_view_by_hash_and_view(&hash, kind, id)
+            .await
+    })
+    .await
+}
+
+/// Authenticate `key` by its credential hash with `lookup`, which returns the key's view and
+/// whatever else it read: the rate limits, failure accounting and revocation check of every
+/// API-key request.
+async fn authenticate_key<T, F, Fut>(
+    state: &AppState,
+    key: &str,
+    lookup: F,
+) -> Result<(AuthAgent, T), ApiError>
+where
+    F: FnOnce(String) -> Fut,
+    Fut: std::future::Future<Output = Result<Option<(ApiKeyView, T)>, crate::store::StoreError>>,
+{
+    let source_ip = crate::store::SOURCE_IP.try_with(|ip| *ip).ok();
+    state.limits.check_api_key_auth(source_ip)?;
     let invalid = || ApiError::unauthorized("invalid or revoked API key");
-    if !ApiKeySecret::looks_valid(key) {
-        return Err(invalid());
-    }
     // One round trip: the credential and its view (revocation is read on every call).
-    let view: ApiKeyView = state
-        .db
-        .api_key_view_by_hash(&ApiKeySecret::hash_presented(key))
-        .await?
-        .ok_or_else(invalid)?;
-    if view.is_revoked() {
+    let found = if ApiKeySecret::looks_valid(key) {
+        lookup(ApiKeySecret::hash_presented(key)).await?
+    } else {
+        None
+    };
+    let Some((view, also)) = found.filter(|(view, _)| !view.is_revoked()) else {
+        state.limits.api_key_auth_failed(source_ip);
         return Err(invalid());
-    }
-    Ok(AuthAgent { key: view })
+    };
+    state.limits.api_key_request(&view.api_key_id)?;
+    Ok((AuthAgent { key: view }, also))
+}
+
+/// The `X-API-KEY` header, if sent.
+pub(super) fn api_key_header(parts: &Parts) -> Option<&str> {
+    parts.headers.get("x-api-key").and_then(|v| v.to_str().ok())
 }
 
 /// The agent of an API key id, unless the key is revoked.
@@ -240,10 +269,7 @@ impl FromRequestParts<AppState> for AuthAgent {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let key = parts
-            .headers
-            .get("x-api-key")
-            .and_then(|v| v.to_str().ok())
+        let key = api_key_header(parts)
             .ok_or_else(|| ApiError::unauthorized("missing credentials: send X-API-KEY"))?;
         agent_from_key(state, key.trim()).await
     }

@@ -4,7 +4,8 @@
 
 use aggregates::{Address, Amount, HexBytes, Initiator, PrepareTransaction, TransactionCommand};
 use alloy::json_abi::Function;
-use axum::extract::{Path, State};
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::Response;
 use axum::Json;
@@ -13,9 +14,13 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use time::OffsetDateTime;
 use uuid::Uuid;
+use zeroize::Zeroizing;
 
 use super::error::{ApiError, ApiResult};
-use super::extract::{ApiJson, ApiQuery, AuthAgent, AuthUser, Bounded, Caller, MfaCode, RequestId};
+use super::extract::{
+    agent_with_view, api_key_header, ApiJson, ApiQuery, AuthAgent, AuthUser, Bounded, Caller,
+    MfaCode, RequestId,
+};
 use super::idempotency::{Idempotent, Scope};
 use super::users::use_mfa_code;
 use super::wallets::visible_wallet;
@@ -334,10 +339,15 @@ pub(super) async fn visible_transaction(
         state.db.view(ViewKind::Transaction, transaction_id).await?;
     view.filter(|v| match caller {
         Caller::User(u) => v.owner_user_id == u.user_id,
-        Caller::Agent(a) => matches!(&v.initiator,
-            Initiator::Agent { api_key_id, .. } if *api_key_id == a.key.api_key_id),
+        Caller::Agent(a) => agent_may_see(a, v),
     })
     .ok_or_else(|| ApiError::not_found("transaction"))
+}
+
+/// An agent sees the transactions its own key prepared.
+fn agent_may_see(agent: &AuthAgent, view: &TransactionView) -> bool {
+    matches!(&view.initiator,
+        Initiator::Agent { api_key_id, .. } if *api_key_id == agent.key.api_key_id)
 }
 
 /// Refuse (before any code is spent) what cannot be authorized any more; the aggregate
@@ -593,9 +603,31 @@ pub struct StatusQuery {
 
 pub async fn status(
     State(state): State<AppState>,
-    caller: Caller,
-    ApiQuery(query): ApiQuery<StatusQuery>,
+    mut parts: Parts,
 ) -> ApiResult<Json<TransactionView>> {
+    // Agents poll this: their key and the transaction are read in one round trip.
+    if let Some(key) = api_key_header(&parts).map(|k| Zeroizing::new(k.to_owned())) {
+        let query = ApiQuery::<StatusQuery>::from_request_parts(&mut parts, &state).await;
+        let id = match &query {
+            Ok(ApiQuery(q)) if Uuid::parse_str(&q.transaction_id).is_ok() => &q.transaction_id,
+            // Credentials are judged before the query, as on every other endpoint.
+            _ => {
+                let caller = Caller::from_request_parts(&mut parts, &state).await?;
+                let ApiQuery(query) = query?;
+                return visible_transaction(&state, &caller, &query.transaction_id)
+                    .await
+                    .map(Json);
+            }
+        };
+        let (agent, view) =
+            agent_with_view::<TransactionView>(&state, &key, ViewKind::Transaction, id).await?;
+        return view
+            .filter(|v| agent_may_see(&agent, v))
+            .map(Json)
+            .ok_or_else(|| ApiError::not_found("transaction"));
+    }
+    let caller = Caller::from_request_parts(&mut parts, &state).await?;
+    let ApiQuery(query) = ApiQuery::<StatusQuery>::from_request_parts(&mut parts, &state).await?;
     visible_transaction(&state, &caller, &query.transaction_id)
         .await
         .map(Json)

@@ -23,6 +23,7 @@ on_both_backends!(
     revoked_api_key_is_refused_and_only_its_owner_can_revoke_it,
     invalid_amounts_addresses_and_fields_are_refused_naming_the_field,
     prepare_with_another_users_id_is_a_user_mismatch,
+    agent_status_reads_authenticate_and_scope_like_every_other_request,
 );
 
 const ETH: u128 = 1_000_000_000_000_000_000;
@@ -799,5 +800,60 @@ async fn malformed_empty_and_oversized_bodies_and_unknown_routes_get_json_errors
 
     let (_, list) = app.get("/api/transactions", &agent.auth()).await;
     assert_eq!(list["transactions"], json!([]));
+    app.cleanup().await;
+}
+
+/// An agent's `transaction_status` reads its key and the transaction in one round trip; it
+/// must judge credentials first and show only what that key prepared, like every other read.
+async fn agent_status_reads_authenticate_and_scope_like_every_other_request(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let (mut alice, wallet, agent) = app.user_with_wallet("alice", 0).await;
+    let sibling = app.issue_api_key(&mut alice, "sibling", None).await;
+    let (_, _, mallory) = app.user_with_wallet("mallory", 0).await;
+    let tx = app
+        .prepare(&agent, native_body(&wallet, &random_address(), 1))
+        .await;
+
+    let (status, view) = status_raw(&app, &agent.auth(), &tx).await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    assert_eq!(view["transaction_id"], tx.as_str());
+    // Another key of the same owner, another user's key, an unknown id, a malformed id.
+    for (auth, id) in [
+        (sibling.auth(), tx.clone()),
+        (mallory.auth(), tx.clone()),
+        (agent.auth(), uuid::Uuid::new_v4().to_string()),
+        (agent.auth(), "not-a-uuid".to_owned()),
+    ] {
+        let resp = status_raw(&app, &auth, &id).await;
+        assert_error(&resp, StatusCode::NOT_FOUND, "not_found");
+    }
+    // Bad credentials are a 401 whatever the query; a good key with a bad query, a 400.
+    let forged = Auth::ApiKey(format!("{}x", agent.key));
+    let resp = status_raw(&app, &forged, &tx).await;
+    assert_error(&resp, StatusCode::UNAUTHORIZED, "unauthorized");
+    let resp = app.get("/api/transaction_status", &forged).await;
+    assert_error(&resp, StatusCode::UNAUTHORIZED, "unauthorized");
+    let resp = app.get("/api/transaction_status", &agent.auth()).await;
+    assert_error(&resp, StatusCode::BAD_REQUEST, "invalid_field");
+    assert_field(&resp, "transaction_id");
+    let resp = app
+        .get(
+            &format!("/api/transaction_status?transaction_id={tx}&extra=1"),
+            &agent.auth(),
+        )
+        .await;
+    assert_error(&resp, StatusCode::BAD_REQUEST, "invalid_field");
+
+    // Revoked: refused at once, though the transaction is still there.
+    let (status, body) = app
+        .delete(&format!("/api/api_keys/{}", agent.id), &alice.auth())
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    let resp = status_raw(&app, &agent.auth(), &tx).await;
+    assert_error(&resp, StatusCode::UNAUTHORIZED, "unauthorized");
+    assert_eq!(
+        status_of(&app.status(&alice.auth(), &tx).await),
+        "pending_authorization"
+    );
     app.cleanup().await;
 }
