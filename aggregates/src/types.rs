@@ -1,6 +1,8 @@
 //! Value types shared by every aggregate: they parse once at the edge and are valid afterwards.
 //! Nothing here does IO; hashing is pure computation.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
 
@@ -38,19 +40,32 @@ impl Address {
 
     /// EIP-55 checksummed `0x…` form.
     pub fn to_checksum(&self) -> String {
-        let lower = hex::encode(self.0);
-        let hash = Keccak256::digest(lower.as_bytes());
-        let mut out = String::with_capacity(42);
-        out.push_str("0x");
-        for (i, c) in lower.chars().enumerate() {
-            let nibble = (hash[i / 2] >> (if i % 2 == 0 { 4 } else { 0 })) & 0x0f;
-            if c.is_ascii_alphabetic() && nibble >= 8 {
-                out.push(c.to_ascii_uppercase());
-            } else {
-                out.push(c);
-            }
+        self.with_checksum(str::to_owned)
+    }
+
+    /// Call `f` with the EIP-55 form. The Keccak hash behind it is remembered per thread for
+    /// the addresses seen last: the same few wallets and recipients are encoded over and over
+    /// (every view document, every event), and a hash costs more than the rest of an encode.
+    fn with_checksum<R>(&self, f: impl FnOnce(&str) -> R) -> R {
+        thread_local! {
+            static CHECKSUMS: RefCell<HashMap<[u8; 20], [u8; 42]>> = RefCell::new(HashMap::new());
         }
-        out
+        /// Addresses remembered per thread (62 bytes each): forgotten all at once when full.
+        const REMEMBERED: usize = 4096;
+        let text = CHECKSUMS.with(|cache| {
+            if let Some(text) = cache.borrow().get(&self.0) {
+                return *text;
+            }
+            let text = checksum(&self.0);
+            let mut cache = cache.borrow_mut();
+            if cache.len() >= REMEMBERED {
+                cache.clear();
+            }
+            cache.insert(self.0, text);
+            text
+        });
+        // Always ASCII: `0x` and hex digits.
+        f(std::str::from_utf8(&text).unwrap_or_default())
     }
 
     /// `0xAbCd…1234`, for human-readable summaries.
@@ -58,6 +73,22 @@ impl Address {
         let full = self.to_checksum();
         format!("{}…{}", &full[..6], &full[38..])
     }
+}
+
+/// EIP-55: a hex digit is upper case where the Keccak-256 of the lower-case hex has a nibble of
+/// 8 or more.
+fn checksum(bytes: &[u8; 20]) -> [u8; 42] {
+    let mut out = [0u8; 42];
+    out[..2].copy_from_slice(b"0x");
+    hex::encode_to_slice(bytes, &mut out[2..]).expect("40 hex digits fit");
+    let hash = Keccak256::digest(&out[2..]);
+    for (i, c) in out[2..].iter_mut().enumerate() {
+        let nibble = (hash[i / 2] >> (if i % 2 == 0 { 4 } else { 0 })) & 0x0f;
+        if c.is_ascii_alphabetic() && nibble >= 8 {
+            c.make_ascii_uppercase();
+        }
+    }
+    out
 }
 
 impl FromStr for Address {
@@ -73,7 +104,7 @@ impl FromStr for Address {
         let address = Self(bytes);
         let has_lower = digits.bytes().any(|b| b.is_ascii_lowercase());
         let has_upper = digits.bytes().any(|b| b.is_ascii_uppercase());
-        if has_lower && has_upper && address.to_checksum() != s {
+        if has_lower && has_upper && !address.with_checksum(|c| c == s) {
             return Err(ParseError::AddressChecksum);
         }
         Ok(address)
@@ -82,7 +113,7 @@ impl FromStr for Address {
 
 impl fmt::Display for Address {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_checksum())
+        self.with_checksum(|c| f.write_str(c))
     }
 }
 
@@ -94,14 +125,24 @@ impl fmt::Debug for Address {
 
 impl Serialize for Address {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&self.to_checksum())
+        self.with_checksum(|c| serializer.serialize_str(c))
     }
 }
 
 impl<'de> Deserialize<'de> for Address {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(deserializer)?;
-        s.parse().map_err(serde::de::Error::custom)
+        // Parsed from the borrowed text: no String per address.
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Address;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a 0x-prefixed 20-byte hex address")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Address, E> {
+                s.parse().map_err(E::custom)
+            }
+        }
+        deserializer.deserialize_str(Visitor)
     }
 }
 
