@@ -17,6 +17,7 @@ pub mod limits;
 pub mod metrics;
 pub mod projector;
 pub mod push;
+pub(crate) mod rebuild;
 pub mod services;
 pub mod store;
 pub mod upcast;

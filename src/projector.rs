@@ -23,8 +23,6 @@ const CHECKPOINT: &str = "views";
 const BATCH: i64 = 500;
 /// Events per multi-row INSERT of an append (8 binds each, under Postgres' 65,535).
 const APPEND_CHUNK: usize = 1000;
-/// Events per read while rebuilding.
-const REBUILD_PAGE: i64 = 10_000;
 
 /// What a rebuild did.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
@@ -35,6 +33,8 @@ pub struct RebuildStats {
     pub events: i64,
     /// View documents after the rebuild.
     pub documents: i64,
+    /// Documents written out early to bound memory and read back when touched again.
+    pub reloaded: i64,
     pub elapsed_seconds: f64,
 }
 
@@ -99,20 +99,16 @@ fn event_columns(backend: Backend) -> &'static str {
 }
 
 /// Fold `$events` (in position order) into their view documents inside transaction `$tx`:
-/// load the current documents in bulk, fold, write them back in bulk. `$only` restricts it to
-/// one kind of view (rebuild of one view). `$rebuilt`, during a rebuild, holds the documents
-/// written so far: no other can exist, so only those are looked up. Written as a macro so that
-/// the same code is compiled for each backend's transaction type.
+/// load the current documents in bulk, fold, write them back in bulk. Written as a macro so
+/// that the same code is compiled for each backend's transaction type.
 macro_rules! fold_into_views {
-    ($tx:expr, $events:expr, $only:expr, $rebuilt:expr) => {
-        fold_into_views!($tx, $events, $only, $rebuilt, None::<(i64, String)>)
+    ($tx:expr, $events:expr, $json_cast:expr) => {
+        fold_into_views!($tx, $events, $json_cast, None::<(i64, String)>)
     };
-    ($tx:expr, $events:expr, $only:expr, $rebuilt:expr, $advance_to:expr) => {{
+    ($tx:expr, $events:expr, $json_cast:expr, $advance_to:expr) => {{
         // `$advance_to` (Postgres only): also move the checkpoint there and notify the other
         // nodes, in the statement that writes the last documents (one round trip fewer).
         let advance_to: Option<(i64, String)> = $advance_to;
-        let only: Option<ViewKind> = $only;
-        let mut rebuilt: Option<&mut std::collections::HashSet<(ViewKind, String)>> = $rebuilt;
         let upcasters = crate::upcast::upcasters();
         // Each document touched, with the position that created it (if created here) and the
         // position of the last event folded in.
@@ -124,10 +120,10 @@ macro_rules! fold_into_views {
         let mut missing: HashMap<ViewKind, Vec<String>> = HashMap::new();
         for event in &events {
             if let Some(key) = projections::target(event) {
-                if only.is_none_or(|k| k == key.0) && !docs.contains_key(&key) {
+                if !docs.contains_key(&key) {
                     // An aggregate's first event creates its view: nothing to look up.
                     let created_here = event.sequence == 1 && key.1 == event.aggregate_id;
-                    if !created_here && rebuilt.as_ref().is_none_or(|r| r.contains(&key)) {
+                    if !created_here {
                         missing.entry(key.0).or_default().push(key.1.clone());
                     }
                     docs.insert(key, (None, None, None, 0));
@@ -155,9 +151,6 @@ macro_rules! fold_into_views {
             let Some(key) = projections::target(&event) else {
                 continue;
             };
-            if only.is_some_and(|k| k != key.0) {
-                continue;
-            }
             let event = crate::upcast::upcast(event, &upcasters);
             let entry = docs.get_mut(&key).expect("every target was collected above");
             // Folded decoded: each document is decoded once and encoded once per batch.
@@ -166,7 +159,10 @@ macro_rules! fold_into_views {
                 None => entry
                     .0
                     .take()
-                    .map(|doc| projections::ViewState::decode(key.0, &doc, &event))
+                    .map(|doc| {
+                        let head = projections::EventHead::of(&event);
+                        projections::ViewState::decode(key.0, &doc, head)
+                    })
                     .transpose()?,
             };
             if current.is_none() {
@@ -175,14 +171,13 @@ macro_rules! fold_into_views {
             entry.1 = Some(projections::fold(key.0, current, &event)?);
             entry.3 = event.position;
         }
-        let mut written: Vec<(ViewDoc, i64, i64)> = Vec::with_capacity(docs.len());
-        for ((kind, id), (_, state, created, position)) in docs {
+        // Documents go in as JSON text, cast to the column's type (`$json_cast`).
+        let json_cast: &str = $json_cast;
+        let mut written: Vec<(ViewDoc<String>, i64, i64)> = Vec::with_capacity(docs.len());
+        for ((_, id), (_, state, created, position)) in docs {
             if let Some(state) = state {
-                if let Some(r) = rebuilt.as_mut() {
-                    r.insert((kind, id.clone()));
-                }
                 let doc = state
-                    .to_doc(id)
+                    .to_doc_text(id)
                     .map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 written.push((doc, created.unwrap_or(position), position));
             }
@@ -206,7 +201,8 @@ macro_rules! fold_into_views {
                     .push_bind(doc.status.as_deref())
                     .push_bind(*created)
                     .push_bind(*position)
-                    .push_bind(&doc.payload);
+                    .push_bind(doc.payload.as_str())
+                    .push_unseparated(json_cast);
             });
             q.push(
                 " ON CONFLICT (kind, id) DO UPDATE SET owner_user_id = excluded.owner_user_id, \
@@ -228,6 +224,16 @@ macro_rules! fold_into_views {
         }
         (written, chunks > 0 && advance_to.is_some())
     }};
+}
+
+/// Payloads and view documents are stored as JSON text (`json` on Postgres, see migration 0008)
+/// and bound as text with this cast, so the database only checks the text instead of building
+/// a `jsonb` from it.
+pub(crate) fn json_cast(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Postgres => "::json",
+        Backend::Sqlite => "",
+    }
 }
 
 /// The payload of a checkpoint notification: the position reached and the node that got
@@ -287,7 +293,8 @@ impl Projector {
     /// Drop and rebuild views (all kinds, or one) from the event log in commit order: one
     /// transaction holding the checkpoint lock deletes the documents and folds the events again
     /// — all of them for a full rebuild (the checkpoint moves to the head), those up to the
-    /// checkpoint for one view — then the usual catch-up continues. Idempotent.
+    /// checkpoint for one view — then the usual catch-up continues. Idempotent. How it is made
+    /// fast: [`crate::rebuild`].
     ///
     /// Safe while servers run: readers see the old documents until the rebuild commits
     /// (PostgreSQL; SQLite readers in WAL mode too), and every projector — this node's and
@@ -295,82 +302,113 @@ impl Projector {
     /// SQLite the rebuild holds the database write lock throughout: writers wait up to the
     /// busy timeout (10 s), so stop the server first for a large SQLite database.
     pub async fn rebuild(&self, only: Option<ViewKind>) -> Result<RebuildStats, ProjectorError> {
+        self.rebuild_bounded(only, crate::rebuild::MAX_DOCUMENTS)
+            .await
+    }
+
+    /// [`rebuild`](Self::rebuild) holding at most about `max_documents` documents in memory at
+    /// once (the rest are written out early and read back when touched again).
+    pub async fn rebuild_bounded(
+        &self,
+        only: Option<ViewKind>,
+        max_documents: usize,
+    ) -> Result<RebuildStats, ProjectorError> {
+        use crate::rebuild::{fold_postgres, fold_sqlite, Folder, Sink};
+
         let started = std::time::Instant::now();
         let running = self.running.lock().await;
-        let select_events = format!(
-            "SELECT {} FROM events WHERE position > $1 AND position <= $2 ORDER BY position LIMIT $3",
-            event_columns(self.db.backend())
-        );
-        let (position, events) = with_pool!(&self.db, |pool| {
-            let mut tx = pool.begin().await?;
-            sqlx::query("UPDATE projection_checkpoints SET position = position WHERE name = $1")
+        let only_type = only.map(crate::rebuild::aggregate_type);
+        let mut folder = Folder::new(only, max_documents);
+        // Lock and find what to replay: the same on both backends.
+        macro_rules! begin {
+            ($tx:expr) => {{
+                sqlx::query(
+                    "UPDATE projection_checkpoints SET position = position WHERE name = $1",
+                )
                 .bind(CHECKPOINT)
-                .execute(&mut *tx)
+                .execute(&mut *$tx)
                 .await?;
-            let checkpoint: i64 =
-                sqlx::query_scalar("SELECT position FROM projection_checkpoints WHERE name = $1")
-                    .bind(CHECKPOINT)
-                    .fetch_one(&mut *tx)
-                    .await?;
-            // All views: replay the whole log and move the checkpoint to its head. One view:
-            // replay up to the checkpoint the other views are at.
-            let upto: i64 = match only {
-                Some(_) => checkpoint,
-                None => {
-                    sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM events")
-                        .fetch_one(&mut *tx)
-                        .await?
-                }
-            };
-            match only {
-                Some(kind) => {
-                    sqlx::query("DELETE FROM views WHERE kind = $1")
-                        .bind(kind.as_str())
-                        .execute(&mut *tx)
-                        .await?
-                }
-                None => sqlx::query("DELETE FROM views").execute(&mut *tx).await?,
-            };
-            if self.db.backend() == Backend::Postgres {
-                // The table's statistics predate the delete: keep lookups on the primary key.
+                let checkpoint: i64 = sqlx::query_scalar(
+                    "SELECT position FROM projection_checkpoints WHERE name = $1",
+                )
+                .bind(CHECKPOINT)
+                .fetch_one(&mut *$tx)
+                .await?;
+                // All views: replay the whole log and move the checkpoint to its head. One
+                // view: replay up to the checkpoint the other views are at.
+                let upto: i64 = match only {
+                    Some(_) => checkpoint,
+                    None => {
+                        sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM events")
+                            .fetch_one(&mut *$tx)
+                            .await?
+                    }
+                };
+                (checkpoint, upto)
+            }};
+        }
+        let position = match &self.db {
+            Db::Postgres(pool) => {
+                let mut tx = pool.begin().await?;
+                let (checkpoint, upto) = begin!(tx);
+                // Into a fresh table, indexed once it is full (far cheaper than keeping five
+                // indexes up to date row by row), swapped in at the end.
+                crate::rebuild::stage(&mut tx, only).await?;
+                // The staging table has no statistics: keep lookups on its primary key.
                 sqlx::query("SET LOCAL enable_seqscan = off")
                     .execute(&mut *tx)
                     .await?;
-            }
-            let (mut after, mut events) = (0i64, 0i64);
-            let mut rebuilt = std::collections::HashSet::new();
-            loop {
-                let rows: Vec<EventRow> = sqlx::query_as(&select_events)
-                    .bind(after)
-                    .bind(upto)
-                    .bind(REBUILD_PAGE)
-                    .fetch_all(&mut *tx)
-                    .await?;
-                let Some(last) = rows.last().map(|r| r.position) else {
-                    break;
+                // Every event up to `upto` is committed (positions are commit-ordered), so a
+                // second connection sees them all; reading there overlaps with this one's
+                // writes and keeps the stream off the locked transaction.
+                let mut reader = pool.acquire().await?;
+                let mut sink = Sink::Postgres {
+                    conn: &mut tx,
+                    keyed: false,
                 };
-                events += rows.len() as i64;
-                let page: Vec<StoredEvent> = rows.into_iter().map(StoredEvent::from).collect();
-                fold_into_views!(&mut *tx, page, only, Some(&mut rebuilt));
-                after = last;
-            }
-            if upto > checkpoint {
-                sqlx::query("UPDATE projection_checkpoints SET position = $1 WHERE name = $2")
+                fold_postgres(&mut reader, upto, only_type, &mut folder, &mut sink).await?;
+                folder.finish(&mut sink).await?;
+                let Sink::Postgres { keyed, .. } = sink else {
+                    unreachable!("built above")
+                };
+                drop(reader);
+                crate::rebuild::swap(&mut tx, keyed).await?;
+                if upto > checkpoint {
+                    sqlx::query(
+                        "WITH advanced AS (UPDATE projection_checkpoints SET position = $1 \
+                         WHERE name = $2) SELECT pg_notify($3, $4)",
+                    )
                     .bind(upto)
                     .bind(CHECKPOINT)
+                    .bind(crate::push::VIEWS_CHANNEL)
+                    .bind(notification(upto, &self.node))
                     .execute(&mut *tx)
                     .await?;
-                if self.db.backend() == Backend::Postgres {
-                    sqlx::query("SELECT pg_notify($1, $2)")
-                        .bind(crate::push::VIEWS_CHANNEL)
-                        .bind(notification(upto, &self.node))
+                }
+                tx.commit().await?;
+                upto
+            }
+            Db::Sqlite(pool) => {
+                let mut tx = pool.begin().await?;
+                let (checkpoint, upto) = begin!(tx);
+                sqlx::query("DELETE FROM views WHERE $1 IS NULL OR kind = $1")
+                    .bind(only.map(|k| k.as_str()))
+                    .execute(&mut *tx)
+                    .await?;
+                fold_sqlite(&mut tx, upto, only_type, &mut folder).await?;
+                folder.finish(&mut Sink::Sqlite(&mut tx)).await?;
+                if upto > checkpoint {
+                    sqlx::query("UPDATE projection_checkpoints SET position = $1 WHERE name = $2")
+                        .bind(upto)
+                        .bind(CHECKPOINT)
                         .execute(&mut *tx)
                         .await?;
                 }
+                tx.commit().await?;
+                upto
             }
-            tx.commit().await?;
-            (upto, events)
-        });
+        };
+        let (events, reloaded) = (folder.events, folder.reloaded);
         drop(running);
         let documents: i64 = with_pool!(&self.db, |pool| sqlx::query_scalar(
             "SELECT COUNT(*) FROM views WHERE $1 IS NULL OR kind = $1"
@@ -384,6 +422,7 @@ impl Projector {
             position,
             events,
             documents,
+            reloaded,
             elapsed_seconds: elapsed,
         })
     }
@@ -419,7 +458,7 @@ impl Projector {
             };
             let count = rows.len() as i64;
             let events: Vec<StoredEvent> = rows.into_iter().map(StoredEvent::from).collect();
-            fold_into_views!(&mut *tx, events, None::<ViewKind>, None);
+            fold_into_views!(&mut *tx, events, json_cast(backend));
             sqlx::query("UPDATE projection_checkpoints SET position = $1 WHERE name = $2")
                 .bind(last)
                 .bind(CHECKPOINT)
@@ -492,6 +531,7 @@ impl Projector {
             }
             Backend::Sqlite => " RETURNING position, recorded_at",
         };
+        let json_cast = json_cast(backend);
         let rows: Vec<(&'static str, &cqrs_es::persist::SerializedEvent)> = batch
             .iter()
             .flat_map(|a| a.events.iter().map(move |e| (a.aggregate_type, e)))
@@ -536,8 +576,10 @@ impl Projector {
                         .push_bind(e.sequence as i64)
                         .push_bind(e.event_type.as_str())
                         .push_bind(e.event_version.as_str())
-                        .push_bind(&e.payload)
-                        .push_bind(&e.metadata)
+                        .push_bind(e.payload.to_string())
+                        .push_unseparated(json_cast)
+                        .push_bind(e.metadata.to_string())
+                        .push_unseparated(json_cast)
                         .push_bind(next.map(|n| n + (chunk_index * APPEND_CHUNK + i) as i64));
                 });
                 q.push(returning);
@@ -583,10 +625,9 @@ impl Projector {
             let mut pushed: Vec<PushRow> = events.iter().map(PushRow::unrouted).collect();
             let advance_to =
                 (backend == Backend::Postgres).then(|| (last, notification(last, &self.node)));
-            let (written, advanced) =
-                fold_into_views!(&mut *tx, events, None::<ViewKind>, None, advance_to);
+            let (written, advanced) = fold_into_views!(&mut *tx, events, json_cast, advance_to);
             // Route by the transaction's view as of this commit, as the hub's query would.
-            let routes: HashMap<&str, &ViewDoc> = written
+            let routes: HashMap<&str, &ViewDoc<String>> = written
                 .iter()
                 .filter(|(doc, _, _)| doc.kind == ViewKind::Transaction)
                 .map(|(doc, _, _)| (doc.id.as_str(), doc))

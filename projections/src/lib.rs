@@ -34,6 +34,23 @@ impl StoredEvent {
     }
 }
 
+/// What a fold reads of an event besides its payload: where it is in the log (views record
+/// it) and its type (errors name both).
+#[derive(Debug, Clone, Copy)]
+pub struct EventHead<'a> {
+    pub position: i64,
+    pub event_type: &'a str,
+}
+
+impl<'a> EventHead<'a> {
+    pub fn of(event: &'a StoredEvent) -> Self {
+        Self {
+            position: event.position,
+            event_type: &event.event_type,
+        }
+    }
+}
+
 /// The kinds of view documents the projector maintains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -68,16 +85,17 @@ impl ViewKind {
     }
 }
 
-/// A view document plus the columns the server indexes for lookups.
+/// A view document plus the columns the server indexes for lookups. The document is a `Value`,
+/// or its JSON text where it goes straight to the database (rebuilds).
 #[derive(Debug, Clone, PartialEq)]
-pub struct ViewDoc {
+pub struct ViewDoc<P = Value> {
     pub kind: ViewKind,
     pub id: String,
     pub owner_user_id: Option<String>,
     pub wallet_address: Option<String>,
     pub api_key_id: Option<String>,
     pub status: Option<String>,
-    pub payload: Value,
+    pub payload: P,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -112,7 +130,7 @@ impl ViewState {
     pub fn decode(
         kind: ViewKind,
         payload: &Value,
-        event: &StoredEvent,
+        event: EventHead<'_>,
     ) -> Result<Self, ProjectionError> {
         let err = |e| views::decode_error(event, e);
         Ok(match kind {
@@ -135,6 +153,17 @@ impl ViewState {
             Self::User(v) => v.doc(id, serde_json::to_value(v)?),
         })
     }
+
+    /// [`to_doc`](Self::to_doc) with the document as JSON text (no intermediate `Value`).
+    pub fn to_doc_text(&self, id: String) -> Result<ViewDoc<String>, serde_json::Error> {
+        use views::View;
+        Ok(match self {
+            Self::Transaction(v) => v.doc(id, serde_json::to_string(v)?),
+            Self::Wallet(v) => v.doc(id, serde_json::to_string(v)?),
+            Self::ApiKey(v) => v.doc(id, serde_json::to_string(v)?),
+            Self::User(v) => v.doc(id, serde_json::to_string(v)?),
+        })
+    }
 }
 
 /// Fold `event` into a decoded view of `kind` (`None`: the event must create it).
@@ -143,28 +172,49 @@ pub fn fold(
     current: Option<ViewState>,
     event: &StoredEvent,
 ) -> Result<ViewState, ProjectionError> {
+    fold_json(kind, current, EventHead::of(event), &event.payload)
+}
+
+/// [`fold`] from an event's stored JSON text, decoded straight into its typed form (the
+/// rebuild's path: no intermediate `Value`). The event must be of the current shape (upcast
+/// older ones first).
+pub fn fold_text(
+    kind: ViewKind,
+    current: Option<ViewState>,
+    head: EventHead<'_>,
+    payload: &str,
+) -> Result<ViewState, ProjectionError> {
+    fold_json(kind, current, head, payload)
+}
+
+fn fold_json(
+    kind: ViewKind,
+    current: Option<ViewState>,
+    head: EventHead<'_>,
+    payload: impl views::EventJson,
+) -> Result<ViewState, ProjectionError> {
     let mismatch = || ProjectionError::MissingView {
-        position: event.position,
-        event_type: event.event_type.clone(),
+        position: head.position,
+        event_type: head.event_type.to_owned(),
     };
     Ok(match (kind, current) {
         (ViewKind::Transaction, None) => {
-            ViewState::Transaction(Box::new(views::fold_typed(None, event)?))
+            ViewState::Transaction(Box::new(views::fold_typed(None, head, payload)?))
         }
         (ViewKind::Transaction, Some(ViewState::Transaction(v))) => {
-            ViewState::Transaction(Box::new(views::fold_typed(Some(*v), event)?))
+            ViewState::Transaction(Box::new(views::fold_typed(Some(*v), head, payload)?))
         }
-        (ViewKind::Wallet, None) => ViewState::Wallet(views::fold_typed(None, event)?),
+        (ViewKind::Wallet, None) => ViewState::Wallet(views::fold_typed(None, head, payload)?),
         (ViewKind::Wallet, Some(ViewState::Wallet(v))) => {
-            ViewState::Wallet(views::fold_typed(Some(v), event)?)
+            ViewState::Wallet(views::fold_typed(Some(v), head, payload)?)
         }
-        (ViewKind::ApiKey, None) => ViewState::ApiKey(views::fold_typed(None, event)?),
+        (ViewKind::ApiKey, None) => ViewState::ApiKey(views::fold_typed(None, head, payload)?),
         (ViewKind::ApiKey, Some(ViewState::ApiKey(v))) => {
-            ViewState::ApiKey(views::fold_typed(Some(v), event)?)
+            ViewState::ApiKey(views::fold_typed(Some(v), head, payload)?)
         }
-        (ViewKind::User, None) => ViewState::User(views::fold_typed(None, event)?),
+        (ViewKind::User, None) => ViewState::User(views::fold_typed(None, head, payload)?),
         (ViewKind::User, Some(ViewState::User(v))) => {
-            ViewState::User(views::fold_typed(Some(v), event)?)
+            ViewState::User(views::fold_typed(Some(v), head, payload)?)
         }
         _ => return Err(mismatch()),
     })

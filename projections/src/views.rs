@@ -8,53 +8,83 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::{ProjectionError, StoredEvent, ViewDoc, ViewKind};
+use crate::{EventHead, ProjectionError, StoredEvent, ViewDoc, ViewKind};
 
 /// One kind of view: created by its aggregate's first event, updated by the rest.
 pub(crate) trait View: Serialize + DeserializeOwned {
     const KIND: ViewKind;
     type Event: DeserializeOwned;
 
-    /// Build the view from the aggregate's first event (`None` if that event cannot start one).
-    fn create(event: Self::Event, stored: &StoredEvent) -> Option<Self>;
-    fn update(&mut self, event: Self::Event, stored: &StoredEvent);
-    fn doc(&self, id: String, payload: Value) -> ViewDoc;
+    /// Build the view from the aggregate's first event (`None` if that event cannot start one);
+    /// `position` is the event's.
+    fn create(event: Self::Event, position: i64) -> Option<Self>;
+    fn update(&mut self, event: Self::Event, position: i64);
+    /// The stored form: `payload` (the encoded view) with the columns indexed for lookups.
+    fn doc<P>(&self, id: String, payload: P) -> ViewDoc<P>;
 }
 
 pub(crate) fn fold<V: View>(
     current: Option<Value>,
     stored: &StoredEvent,
 ) -> Result<ViewDoc, ProjectionError> {
+    let head = EventHead::of(stored);
     let current = current
-        .map(|doc| V::deserialize(&doc).map_err(|e| decode_error(stored, e)))
+        .map(|doc| V::deserialize(&doc).map_err(|e| decode_error(head, e)))
         .transpose()?;
-    let view = fold_typed::<V>(current, stored)?;
-    let payload = serde_json::to_value(&view).map_err(|e| decode_error(stored, e))?;
+    let view = fold_typed::<V>(current, head, &stored.payload)?;
+    let payload = serde_json::to_value(&view).map_err(|e| decode_error(head, e))?;
     Ok(view.doc(stored.aggregate_id.clone(), payload))
 }
 
-pub(crate) fn decode_error(stored: &StoredEvent, source: serde_json::Error) -> ProjectionError {
+pub(crate) fn decode_error(head: EventHead<'_>, source: serde_json::Error) -> ProjectionError {
     ProjectionError::Decode {
-        position: stored.position,
-        event_type: stored.event_type.clone(),
+        position: head.position,
+        event_type: head.event_type.to_owned(),
         source,
+    }
+}
+
+/// An event's stored JSON, in either of the forms the server has it in.
+pub(crate) trait EventJson {
+    fn decode<E: DeserializeOwned>(self) -> Result<E, serde_json::Error>;
+}
+
+impl EventJson for &Value {
+    fn decode<E: DeserializeOwned>(self) -> Result<E, serde_json::Error> {
+        E::deserialize(self)
+    }
+}
+
+/// The text as stored: decoded straight into the typed event, no intermediate `Value`.
+impl EventJson for &str {
+    fn decode<E: DeserializeOwned>(self) -> Result<E, serde_json::Error> {
+        serde_json::from_str(self)
     }
 }
 
 /// Fold one event into a decoded view (no JSON round trip of the document).
 pub(crate) fn fold_typed<V: View>(
     current: Option<V>,
-    stored: &StoredEvent,
+    head: EventHead<'_>,
+    payload: impl EventJson,
 ) -> Result<V, ProjectionError> {
-    let event = V::Event::deserialize(&stored.payload).map_err(|e| decode_error(stored, e))?;
+    let event = payload.decode().map_err(|e| decode_error(head, e))?;
+    fold_decoded(current, head, event)
+}
+
+fn fold_decoded<V: View>(
+    current: Option<V>,
+    head: EventHead<'_>,
+    event: V::Event,
+) -> Result<V, ProjectionError> {
     match current {
         Some(mut view) => {
-            view.update(event, stored);
+            view.update(event, head.position);
             Ok(view)
         }
-        None => V::create(event, stored).ok_or_else(|| ProjectionError::MissingView {
-            position: stored.position,
-            event_type: stored.event_type.clone(),
+        None => V::create(event, head.position).ok_or_else(|| ProjectionError::MissingView {
+            position: head.position,
+            event_type: head.event_type.to_owned(),
         }),
     }
 }
@@ -118,7 +148,7 @@ impl View for TransactionView {
     const KIND: ViewKind = ViewKind::Transaction;
     type Event = TransactionEvent;
 
-    fn create(event: TransactionEvent, stored: &StoredEvent) -> Option<Self> {
+    fn create(event: TransactionEvent, position: i64) -> Option<Self> {
         let TransactionEvent::TransactionPrepared(p) = event else {
             return None;
         };
@@ -154,13 +184,13 @@ impl View for TransactionView {
             created_at: rfc3339(p.prepared_at),
             updated_at: rfc3339(p.prepared_at),
             expires_at: rfc3339(p.expires_at),
-            position: stored.position,
+            position,
             version: 1,
         })
     }
 
-    fn update(&mut self, event: TransactionEvent, stored: &StoredEvent) {
-        self.position = stored.position;
+    fn update(&mut self, event: TransactionEvent, position: i64) {
+        self.position = position;
         self.version += 1;
         let (status, at) = match event {
             TransactionEvent::TransactionPrepared(_) => return,
@@ -216,7 +246,7 @@ impl View for TransactionView {
         self.updated_at = rfc3339(at);
     }
 
-    fn doc(&self, id: String, payload: Value) -> ViewDoc {
+    fn doc<P>(&self, id: String, payload: P) -> ViewDoc<P> {
         let api_key_id = match &self.initiator {
             Initiator::Agent { api_key_id, .. } => Some(api_key_id.clone()),
             Initiator::User { .. } => None,
@@ -245,7 +275,7 @@ impl View for WalletView {
     const KIND: ViewKind = ViewKind::Wallet;
     type Event = WalletEvent;
 
-    fn create(event: WalletEvent, _: &StoredEvent) -> Option<Self> {
+    fn create(event: WalletEvent, _: i64) -> Option<Self> {
         let WalletEvent::WalletCreated {
             wallet_address,
             owner_user_id,
@@ -260,9 +290,9 @@ impl View for WalletView {
         })
     }
 
-    fn update(&mut self, _: WalletEvent, _: &StoredEvent) {}
+    fn update(&mut self, _: WalletEvent, _: i64) {}
 
-    fn doc(&self, id: String, payload: Value) -> ViewDoc {
+    fn doc<P>(&self, id: String, payload: P) -> ViewDoc<P> {
         ViewDoc {
             kind: Self::KIND,
             id,
@@ -303,7 +333,7 @@ impl View for ApiKeyView {
     const KIND: ViewKind = ViewKind::ApiKey;
     type Event = ApiKeyEvent;
 
-    fn create(event: ApiKeyEvent, _: &StoredEvent) -> Option<Self> {
+    fn create(event: ApiKeyEvent, _: i64) -> Option<Self> {
         let ApiKeyEvent::ApiKeyIssued {
             api_key_id,
             owner_user_id,
@@ -324,13 +354,13 @@ impl View for ApiKeyView {
         })
     }
 
-    fn update(&mut self, event: ApiKeyEvent, _: &StoredEvent) {
+    fn update(&mut self, event: ApiKeyEvent, _: i64) {
         if let ApiKeyEvent::ApiKeyRevoked { revoked_at, .. } = event {
             self.revoked_at = Some(rfc3339(revoked_at));
         }
     }
 
-    fn doc(&self, id: String, payload: Value) -> ViewDoc {
+    fn doc<P>(&self, id: String, payload: P) -> ViewDoc<P> {
         ViewDoc {
             kind: Self::KIND,
             id,
@@ -383,7 +413,7 @@ impl View for UserView {
     const KIND: ViewKind = ViewKind::User;
     type Event = UserEvent;
 
-    fn create(event: UserEvent, _: &StoredEvent) -> Option<Self> {
+    fn create(event: UserEvent, _: i64) -> Option<Self> {
         let UserEvent::UserRegistered {
             user_id,
             username,
@@ -406,7 +436,7 @@ impl View for UserView {
         })
     }
 
-    fn update(&mut self, event: UserEvent, _: &StoredEvent) {
+    fn update(&mut self, event: UserEvent, _: i64) {
         match event {
             UserEvent::MfaSetupStarted { .. } => self.mfa_pending = true,
             UserEvent::MfaEnabled {
@@ -438,7 +468,7 @@ impl View for UserView {
         }
     }
 
-    fn doc(&self, id: String, payload: Value) -> ViewDoc {
+    fn doc<P>(&self, id: String, payload: P) -> ViewDoc<P> {
         ViewDoc {
             kind: Self::KIND,
             id,

@@ -1496,8 +1496,8 @@ async fn pgbench_baseline(url: &str, clients: usize, seconds: u64) -> Result<Bas
                  sequence       bigint CHECK (sequence >= 0) NOT NULL,
                  event_type     text                         NOT NULL,
                  event_version  text                         NOT NULL,
-                 payload        jsonb                        NOT NULL,
-                 metadata       jsonb                        NOT NULL,
+                 payload        json                         NOT NULL,
+                 metadata       json                         NOT NULL,
                  position       bigint NOT NULL DEFAULT nextval('events_position_seq'),
                  recorded_at    timestamptz                  NOT NULL DEFAULT clock_timestamp(),
                  PRIMARY KEY (aggregate_type, aggregate_id, sequence)
