@@ -145,6 +145,27 @@ fn pg_pool_options(max_connections: u32) -> PgPoolOptions {
         })
 }
 
+/// PostgreSQL on this machine is reached without TLS unless the URL (or `PGSSLMODE`) asks for
+/// it: whoever can read loopback traffic is already root here, so encryption protects nothing
+/// and costs every round trip (sqlx's default, `prefer`, negotiates TLS whenever the server
+/// offers it). Any other host keeps the configured or default mode.
+fn loopback_without_tls(url: &str, options: PgConnectOptions) -> PgConnectOptions {
+    let asked =
+        url.to_ascii_lowercase().contains("sslmode=") || std::env::var_os("PGSSLMODE").is_some();
+    let host = options.get_host();
+    let local = host == "localhost"
+        || host.starts_with('/')
+        || host
+            .trim_matches(|c| c == '[' || c == ']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if local && !asked {
+        options.ssl_mode(sqlx::postgres::PgSslMode::Disable)
+    } else {
+        options
+    }
+}
+
 /// A connection pool to the configured backend.
 #[derive(Clone, Debug)]
 pub enum Db {
@@ -164,7 +185,7 @@ impl Db {
         let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
         match scheme {
             "postgres" | "postgresql" => {
-                let options = PgConnectOptions::from_str(url)?;
+                let options = loopback_without_tls(url, PgConnectOptions::from_str(url)?);
                 let pool = pg_pool_options(max_connections.max(MIN_CONNECTIONS))
                     .connect_with(options)
                     .await?;
@@ -537,4 +558,41 @@ tokio::task_local! {
     /// whole request so every event it causes records where it came from. The direct peer
     /// only: `X-Forwarded-For` is not trusted.
     pub static SOURCE_IP: std::net::IpAddr;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::postgres::PgSslMode;
+
+    fn mode(url: &str) -> PgSslMode {
+        loopback_without_tls(url, PgConnectOptions::from_str(url).unwrap()).get_ssl_mode()
+    }
+
+    #[test]
+    fn loopback_defaults_to_no_tls_and_everything_else_keeps_its_mode() {
+        if std::env::var_os("PGSSLMODE").is_some() {
+            return; // the environment decides; nothing to default
+        }
+        for local in [
+            "postgres://u@127.0.0.1:5432/db",
+            "postgres://u@127.0.0.2/db",
+            "postgres://u@localhost/db",
+            "postgres://u@[::1]:5432/db",
+        ] {
+            assert!(matches!(mode(local), PgSslMode::Disable), "{local}");
+        }
+        assert!(matches!(
+            mode("postgres://u@127.0.0.1/db?sslmode=require"),
+            PgSslMode::Require
+        ));
+        assert!(matches!(
+            mode("postgres://u@db.example.com/db"),
+            PgSslMode::Prefer
+        ));
+        assert!(matches!(
+            mode("postgres://u@10.0.0.5/db?sslmode=verify-full"),
+            PgSslMode::VerifyFull
+        ));
+    }
 }

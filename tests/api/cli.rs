@@ -169,3 +169,36 @@ async fn concurrent_migrations_on_one_postgres_are_safe() {
     assert!(out.status.success());
     store.cleanup().await;
 }
+
+#[tokio::test]
+async fn loopback_postgres_goes_without_tls_unless_the_url_asks() {
+    if !backends().contains(&Backend::Postgres) {
+        return;
+    }
+    let store = Store::new(Backend::Postgres).await;
+    async fn encrypted(url: &str) -> bool {
+        let countersign::store::Db::Postgres(pool) =
+            countersign::store::Db::connect(url).await.unwrap()
+        else {
+            unreachable!("a postgres URL")
+        };
+        let ssl: bool =
+            sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        pool.close().await;
+        ssl
+    }
+    assert!(!encrypted(&store.url).await, "TLS on loopback by default");
+    // This machine's server offers TLS: asking for it still gets it.
+    let offered: bool = sqlx::query_scalar("SELECT current_setting('ssl') = 'on'")
+        .fetch_one(&sqlx::PgPool::connect(&store.url).await.unwrap())
+        .await
+        .unwrap();
+    if offered {
+        let sep = if store.url.contains('?') { '&' } else { '?' };
+        assert!(encrypted(&format!("{}{sep}sslmode=require", store.url)).await);
+    }
+    store.cleanup().await;
+}
