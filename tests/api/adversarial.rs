@@ -1074,6 +1074,14 @@ fn cases(fx: &Fixture, jwt_secret: &str) -> Vec<Case> {
             post("/api/reject_transaction").auth(&bob)
                 .raw([b"\xef\xbb\xbf".to_vec(), json!({"transaction_id": tb}).to_string().into_bytes()].concat()),
             err(400, "invalid_json")),
+        case("reject body with junk after the object",
+            post("/api/reject_transaction").auth(&bob)
+                .raw(format!("{}junk", json!({"transaction_id": tb}))),
+            err(400, "invalid_json")),
+        case("reject body of two objects",
+            post("/api/reject_transaction").auth(&bob)
+                .raw(format!("{0} {0}", json!({"transaction_id": tb}))),
+            err(400, "invalid_json")),
         case("body in UTF-16",
             post("/api/reject_transaction").auth(&bob).raw(
                 json!({"transaction_id": tb}).to_string().encode_utf16().flat_map(u16::to_le_bytes).collect::<Vec<u8>>()),
