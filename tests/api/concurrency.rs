@@ -1,6 +1,7 @@
 //! Concurrency across nodes: racing decisions and executions on one transaction, and racing
-//! executions of many transactions from one wallet, through two servers sharing one
-//! PostgreSQL database (on SQLite, which is single-node, the same races through one server).
+//! executions of many transactions from one wallet, through two server processes sharing one
+//! PostgreSQL database — the test's own server and a `countersign serve` child process (on
+//! SQLite, which is single-node, the same races through one server).
 //! Every race ends in exactly one outcome, at most one broadcast per transaction, nonces
 //! without gaps or repeats, and conflicts answered 409 (or 403 for a spent code), never 5xx.
 
@@ -9,7 +10,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use crate::helpers::*;
-use crate::nodes::{get_at, post_at, small_pool, Node};
+use crate::nodes::{get_at, post_at, small_pool, ServerProcess};
 use crate::on_both_backends;
 
 on_both_backends!(
@@ -20,18 +21,18 @@ on_both_backends!(
 
 const ETH: u128 = 1_000_000_000_000_000_000;
 
-/// Two nodes on one store: the `TestApp`'s server and, on PostgreSQL, a second server in this
-/// process. On SQLite both "nodes" are the one server.
+/// Two nodes on one store: the `TestApp`'s server and, on PostgreSQL, the server binary in a
+/// process of its own. On SQLite both "nodes" are the one server.
 struct Cluster {
     app: TestApp,
-    second: Option<Node>,
+    second: Option<ServerProcess>,
 }
 
 impl Cluster {
     async fn start(backend: Backend) -> Self {
         let app = TestApp::spawn_with(backend, Some(small_pool)).await;
         let second = match backend {
-            Backend::Postgres => Some(Node::start(app.config()).await),
+            Backend::Postgres => Some(ServerProcess::start(&app).await),
             Backend::Sqlite => None,
         };
         Self { app, second }
@@ -46,9 +47,7 @@ impl Cluster {
     }
 
     async fn cleanup(self) {
-        if let Some(node) = self.second {
-            node.stop().await;
-        }
+        drop(self.second);
         self.app.cleanup().await;
     }
 }
