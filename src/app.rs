@@ -61,6 +61,10 @@ pub struct Inner {
     pub limits: crate::limits::Limits,
     /// Origins allowed cross-origin calls and WebSockets (see `http::cors`); empty: none.
     pub cors_origins: crate::config::CorsOrigins,
+    /// See [`Config::request_timeout`].
+    pub request_timeout: Duration,
+    /// See [`Config::header_timeout`].
+    pub header_timeout: Duration,
 }
 
 #[derive(Clone)]
@@ -114,6 +118,8 @@ impl AppState {
             metrics: crate::metrics::Metrics::new(config.metrics),
             limits: crate::limits::Limits::new(&config.limits),
             cors_origins: config.cors_origins,
+            request_timeout: config.request_timeout,
+            header_timeout: config.header_timeout,
             master_key,
             keyring,
             db,
@@ -201,18 +207,72 @@ impl Application {
         let workers: Vec<JoinHandle<()>> = workers::spawn_all(self.state.clone());
         let router = http::router(self.state.clone());
         tracing::info!(addr = %self.listener.local_addr()?, "countersign listening");
-        axum::serve(
-            self.listener,
-            router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown)
-        .await?;
+        serve(self.listener, router, self.state.header_timeout, shutdown).await;
         for w in workers {
             w.abort();
         }
         self.state.db.close().await;
         Ok(())
     }
+}
+
+/// Accept connections until `shutdown`, then wait for the requests in flight. Like
+/// `axum::serve`, plus what it leaves out: a deadline for each request's headers, which also
+/// closes idle keep-alive connections (without it, a client trickling headers or idling holds
+/// a connection and its memory forever).
+async fn serve(
+    listener: TcpListener,
+    router: axum::Router,
+    header_timeout: Duration,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use tower::ServiceExt;
+
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(header_timeout);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        // Responses are written whole: send them now rather than wait for an ACK.
+        let _ = stream.set_nodelay(true);
+        let router = router.clone();
+        let service =
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
+                router.clone().oneshot(req)
+            });
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            // A client that goes away mid-request is its own business.
+            let _ = connection.await;
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
 }
 
 tokio::task_local! {

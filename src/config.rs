@@ -40,6 +40,11 @@ pub struct Config {
     /// Bound on every chain RPC (connect, send, answer): a node that accepts connections but
     /// never answers costs a request at most this, then 503 `chain_unavailable`.
     pub chain_timeout: Duration,
+    /// Bound on handling one request once its headers are in: then 408 `request_timeout`.
+    pub request_timeout: Duration,
+    /// A connection must deliver a request's headers within this of opening, or of the
+    /// previous response: slow or idle HTTP connections are closed (WebSockets are exempt).
+    pub header_timeout: Duration,
     pub addr: SocketAddr,
     pub jwt_secret: SecretString,
     pub jwt_ttl: Duration,
@@ -111,6 +116,17 @@ where
     }
 }
 
+/// A positive number of seconds from `name`, or `default`.
+fn positive_secs(name: &'static str, default: u64) -> Result<Duration, ConfigError> {
+    match parse_var(name, default)? {
+        0 => Err(ConfigError::Invalid {
+            name,
+            why: "must be a positive number of seconds".into(),
+        }),
+        secs => Ok(Duration::from_secs(secs)),
+    }
+}
+
 impl Config {
     /// Read the configuration. In dev mode, missing secrets are generated once and kept in
     /// `dev_dir/secrets.env` (mode 0600) so restarts keep access to existing wallets.
@@ -152,6 +168,8 @@ impl Config {
                 why: "must be a positive number of seconds".into(),
             });
         }
+        let request_timeout = positive_secs("COUNTERSIGN_REQUEST_TIMEOUT_SECS", 60)?;
+        let header_timeout = positive_secs("COUNTERSIGN_HEADER_TIMEOUT_SECS", 30)?;
         let jwt_ttl: u64 = parse_var("JWT_ACCESS_TOKEN_EXPIRES", 900)?;
         if jwt_ttl == 0 {
             return Err(ConfigError::Invalid {
@@ -184,6 +202,8 @@ impl Config {
             database_url: var("DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned()),
             chain_url,
             chain_timeout: Duration::from_secs(chain_timeout_secs),
+            request_timeout,
+            header_timeout,
             db_max_connections,
             addr: parse_var(
                 "COUNTERSIGN_ADDR",

@@ -42,9 +42,9 @@ use crate::store::{with_pool, Db, StoreError};
 pub const HEADER: &str = "Idempotency-Key";
 pub const REPLAYED_HEADER: &str = "idempotent-replayed";
 pub const MAX_KEY_LEN: usize = 255;
-/// How long a reservation holds before another request may take it over: longer than any
-/// request can run (the request timeout cuts it off), so a live request is never overtaken.
-const LEASE: Duration = Duration::from_secs(super::REQUEST_TIMEOUT.as_secs() + 5);
+/// How long a reservation holds past the request timeout (which cuts every request off)
+/// before another request may take it over, so a live request is never overtaken.
+const LEASE_MARGIN: Duration = Duration::from_secs(5);
 /// Largest response body kept (these endpoints answer a few hundred bytes).
 const MAX_STORED_BODY: usize = 64 * 1024;
 /// Field names that would mean a response carries a secret: such a response is never stored.
@@ -180,6 +180,7 @@ impl IdempotencyKey {
                 &keyed.key,
                 &keyed.request_hash(state),
                 state.idempotency_ttl,
+                state.request_timeout + LEASE_MARGIN,
             )
             .await;
         let owner = match reservation {
@@ -346,6 +347,7 @@ impl Db {
         key: &str,
         request_hash: &str,
         ttl: Duration,
+        lease: Duration,
     ) -> Result<Reservation, StoreError> {
         for _ in 0..4 {
             let now = now_ms();
@@ -361,7 +363,7 @@ impl Db {
             .bind(key)
             .bind(request_hash)
             .bind(&owner)
-            .bind(now.saturating_add(millis(LEASE)))
+            .bind(now.saturating_add(millis(lease)))
             .bind(now)
             .bind(now.saturating_add(millis(ttl)))
             .execute(pool)
@@ -423,7 +425,7 @@ impl Db {
             .bind(scope)
             .bind(key)
             .bind(&owner)
-            .bind(now.saturating_add(millis(LEASE)))
+            .bind(now.saturating_add(millis(lease)))
             .bind(&holder)
             .execute(pool)
             .await?

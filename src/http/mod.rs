@@ -34,12 +34,12 @@ pub use extract::parse_json;
 use crate::app::AppState;
 
 pub const BODY_LIMIT: usize = 64 * 1024;
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 const OPENAPI: &str = include_str!("../openapi.json");
 
 pub fn router(state: AppState) -> Router {
     let metrics_state = state.clone();
     let cors_state = state.clone();
+    let limit = state.request_timeout;
     let api = Router::new()
         .route("/register", post(users::register))
         .route("/login", post(users::login))
@@ -85,7 +85,11 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .layer(axum::middleware::from_fn(request_timeout))
+        .layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next: axum::middleware::Next| {
+                request_timeout(limit, req, next)
+            },
+        ))
         .layer(axum::middleware::from_fn(record_source_ip))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::internal("handler panicked").into_response()
@@ -182,10 +186,11 @@ async fn record_source_ip(
 
 /// Bound every request; a timeout is a JSON 408 like every other error.
 async fn request_timeout(
+    limit: Duration,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
-    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
+    match tokio::time::timeout(limit, next.run(req)).await {
         Ok(response) => response,
         Err(_) => ApiError::new(
             StatusCode::REQUEST_TIMEOUT,

@@ -257,6 +257,8 @@ pub fn test_config(database_url: &str, chain_url: &str, master_key_b64: &str, jw
         db_max_connections: 6,
         chain_url: chain_url.parse().unwrap(),
         chain_timeout: Duration::from_secs(10),
+        request_timeout: Duration::from_secs(60),
+        header_timeout: Duration::from_secs(30),
         addr: "127.0.0.1:0".parse().unwrap(),
         jwt_secret: SecretString::from(jwt.to_owned()),
         jwt_ttl: Duration::from_secs(900),

@@ -21,6 +21,7 @@ mod projections;
 mod push;
 mod security;
 mod sessions;
+mod timeouts;
 
 /// Generate a `_sqlite` and a `_postgres` test from `async fn name(backend: Backend)`.
 /// The Postgres variant is skipped (and says so) without `TEST_DATABASE_URL`.

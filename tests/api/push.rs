@@ -23,10 +23,10 @@ on_both_backends!(
     long_poll_returns_when_the_human_decides,
 );
 
-type Socket =
+pub(crate) type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-async fn connect(base: &str, auth: &Auth, query: &str) -> Socket {
+pub(crate) async fn connect(base: &str, auth: &Auth, query: &str) -> Socket {
     let url = format!("{}/api/ws{query}", base.replace("http://", "ws://"));
     let mut request = url.into_client_request().unwrap();
     match auth {
@@ -68,7 +68,7 @@ async fn next_message(socket: &mut Socket) -> Option<Value> {
     next_within(socket, Duration::from_secs(5)).await
 }
 
-async fn next_within(socket: &mut Socket, wait: Duration) -> Option<Value> {
+pub(crate) async fn next_within(socket: &mut Socket, wait: Duration) -> Option<Value> {
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         let msg = tokio::time::timeout_at(deadline, socket.next())
