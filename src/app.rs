@@ -253,6 +253,7 @@ async fn serve(
             },
             () = &mut shutdown => break,
         };
+        tracing::trace!(%peer, "connection accepted");
         // Responses are written whole: send them now rather than wait for an ACK.
         let _ = stream.set_nodelay(true);
         let router = router.clone();

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use crate::helpers::*;
 use crate::nodes::{
     client_with_timeout, small_pool, socket_addr, try_request, Fault, FaultProxy, Node,
-    ServerProcess,
+    PrivatePostgres, ServerProcess,
 };
 use crate::on_both_backends;
 
@@ -56,30 +56,88 @@ struct Outcome {
     body: Value,
 }
 
-/// PostgreSQL goes away for a few seconds while agents keep preparing transactions: requests
-/// meanwhile get a JSON 503 `unavailable` quickly (no hang, no 500), the same server serves
-/// again once the database is back, and every transaction it answered 201 for is in the views
-/// and the event log.
+/// How PostgreSQL goes away in the outage tests.
+enum Outage {
+    /// Every connection cut and new ones refused, by a proxy in front of the shared server.
+    Cut(FaultProxy),
+    /// A server of the test's own crashed (`pg_ctl stop -m immediate`) and started again.
+    Crash(PrivatePostgres),
+}
+
+impl Outage {
+    fn begin(&self) {
+        match self {
+            Self::Cut(proxy) => proxy.set(Fault::Reset),
+            Self::Crash(pg) => tokio::task::block_in_place(|| pg.stop("immediate")),
+        }
+    }
+
+    fn end(&self) {
+        match self {
+            Self::Cut(proxy) => proxy.set(Fault::None),
+            Self::Crash(pg) => tokio::task::block_in_place(|| pg.start_again()),
+        }
+    }
+}
+
+/// PostgreSQL cut off for a few seconds while agents keep preparing transactions (see
+/// [`postgres_outage`]).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_outage_is_503_then_the_server_recovers_and_lost_nothing_it_confirmed() {
     if !backends().contains(&Backend::Postgres) {
         return;
     }
     let mut app = TestApp::spawn_with(Backend::Postgres, Some(small_pool)).await;
+    // From here on, one server that reaches the database only through the proxy.
+    app.stop().await;
+    let proxy = FaultProxy::start(socket_addr(&app.store.url)).await;
+    let mut config = app.config();
+    config.database_url = proxy.url_for(&app.store.url);
+    let db_url = app.store.url.clone();
+    postgres_outage(app, config, &db_url, Outage::Cut(proxy)).await;
+}
+
+/// The same with a real PostgreSQL server crashed and restarted (a private one: the shared
+/// server serves the other tests). Needs the PostgreSQL server binaries (always on CI).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_crash_and_restart_is_503_then_the_server_recovers_and_lost_nothing() {
+    let Some(pg) = tokio::task::block_in_place(PrivatePostgres::start) else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "no PostgreSQL server binaries (initdb) on CI"
+        );
+        eprintln!("SKIPPED: no PostgreSQL server binaries (initdb); set PG_BINDIR");
+        return;
+    };
+    let mut app = TestApp::spawn(Backend::Sqlite).await;
+    // The test app's chain and secrets, on the private server.
+    app.stop().await;
+    let mut config = app.config();
+    config.database_url = pg.url();
+    small_pool(&mut config);
+    let db_url = pg.url();
+    postgres_outage(app, config, &db_url, Outage::Crash(pg)).await;
+}
+
+/// One server on `config` (whose database is `db_url`) while PostgreSQL goes away for a few
+/// seconds and agents keep preparing transactions: requests meanwhile get a JSON 503
+/// `unavailable` quickly (no hang, no 500), the same server serves again once the database is
+/// back, every transaction it answered 201 for is in the views and the event log, and an
+/// execution refused during the outage goes through afterwards.
+async fn postgres_outage(
+    mut app: TestApp,
+    config: countersign::Config,
+    db_url: &str,
+    outage: Outage,
+) {
+    let node = Node::start(config).await;
+    app.address = node.address.clone();
     let (mut user, wallet, agent) = app.user_with_wallet("pia", 10 * ETH).await;
     let recipient = random_address();
     let queued = app
         .prepare(&agent, native_body(&wallet, &recipient, 4242))
         .await;
     authorize_all(&app, &mut user, &[&queued]).await;
-
-    // From here on, one server that reaches the database only through the proxy.
-    app.stop().await;
-    let proxy = FaultProxy::start(socket_addr(&app.store.url)).await;
-    let mut config = app.config();
-    config.database_url = proxy.url_for(&app.store.url);
-    let node = Node::start(config).await;
-    app.address = node.address.clone();
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let agents = (0..3).map(|_| {
@@ -114,8 +172,8 @@ async fn postgres_outage_is_503_then_the_server_recovers_and_lost_nothing_it_con
     let agents: Vec<_> = agents.collect();
 
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let outage = Instant::now();
-    proxy.set(Fault::Reset);
+    let outage_began = Instant::now();
+    outage.begin();
     tokio::time::sleep(Duration::from_millis(500)).await;
     // An execution during the outage: 503, and it stays executable.
     let resp = app
@@ -129,7 +187,7 @@ async fn postgres_outage_is_503_then_the_server_recovers_and_lost_nothing_it_con
     let (status, body) = app.get("/healthz", &Auth::None).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    proxy.set(Fault::None);
+    outage.end();
     let restored = Instant::now();
     tokio::time::sleep(Duration::from_millis(2500)).await;
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -151,7 +209,7 @@ async fn postgres_outage_is_503_then_the_server_recovers_and_lost_nothing_it_con
                 assert_eq!(o.body["error"]["code"], "unavailable", "{o:?}");
                 unavailable += 1;
                 assert!(
-                    o.started + o.elapsed > outage && o.started < restored,
+                    o.started + o.elapsed > outage_began && o.started < restored,
                     "503 only during the outage: {o:?}"
                 );
             }
@@ -170,7 +228,7 @@ async fn postgres_outage_is_503_then_the_server_recovers_and_lost_nothing_it_con
     );
 
     // Everything answered 201 is in the views and in the event log.
-    let db = sqlx::PgPool::connect(&app.store.url).await.unwrap();
+    let db = sqlx::PgPool::connect(db_url).await.unwrap();
     for tx in &created {
         let view = app.status(&agent.auth(), tx).await;
         assert_eq!(view["status"], "pending_authorization", "{view}");

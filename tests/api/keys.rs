@@ -663,7 +663,7 @@ async fn no_secret_reaches_a_trace_level_log(backend: Backend) {
     let trace_lines = text.lines().filter(|l| l.contains(" TRACE ")).count();
     assert!(trace_lines > 20, "only {trace_lines} trace lines:\n{text}");
     for expected in [
-        "TRACE axum::serve",
+        "TRACE countersign::app: connection accepted",
         "alloy_rpc_client::call: serialized request",
         "eth_sendRawTransaction",
         "DEBUG sqlx::query",

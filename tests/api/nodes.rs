@@ -301,3 +301,146 @@ pub async fn get_at(base: &str, path: &str, auth: &Auth) -> (StatusCode, Value) 
         .await
         .unwrap_or_else(|e| panic!("GET {path} from {base}: {e}"))
 }
+
+/// A PostgreSQL server of the test's own (`initdb` in a temporary directory, on a free port),
+/// so that it can really be stopped, crashed and started while a server uses it. Run as the
+/// `postgres` user when the tests run as root (PostgreSQL refuses to run as root).
+pub struct PrivatePostgres {
+    bin: PathBuf,
+    data: PathBuf,
+    port: u16,
+    as_postgres: bool,
+    _dir: tempfile::TempDir,
+}
+
+impl PrivatePostgres {
+    /// `None` where no PostgreSQL server binaries are installed (`PG_BINDIR`, or the newest
+    /// `/usr/lib/postgresql/*/bin`).
+    pub fn start() -> Option<Self> {
+        let bin = std::env::var_os("PG_BINDIR")
+            .map(PathBuf::from)
+            .or_else(|| {
+                let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+                    .ok()?
+                    .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+                    .filter(|b| b.join("initdb").exists())
+                    .collect();
+                found.sort_by_key(|b| {
+                    b.parent()
+                        .and_then(|v| v.file_name()?.to_str()?.parse::<u32>().ok())
+                        .unwrap_or(0)
+                });
+                found.pop()
+            })?;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let as_postgres = running_as_root();
+        if as_postgres {
+            let status = Command::new("chown")
+                .args(["postgres:postgres"])
+                .arg(dir.path())
+                .status()
+                .expect("chown");
+            assert!(status.success(), "chown the data directory to postgres");
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let cluster = Self {
+            data: dir.path().join("data"),
+            bin,
+            port,
+            as_postgres,
+            _dir: dir,
+        };
+        let data = cluster.data.clone();
+        cluster.run("initdb", |c| {
+            c.arg("-D")
+                .arg(&data)
+                .args(["-A", "trust", "-U", "postgres", "--no-sync"]);
+        });
+        cluster.pg_ctl(&["start", "-w"]);
+        Some(cluster)
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Stop: `fast` (clients disconnected, a clean shutdown) or `immediate` (a crash: no
+    /// shutdown checkpoint, recovery from the WAL at the next start).
+    pub fn stop(&self, mode: &str) {
+        self.pg_ctl(&["stop", "-w", "-m", mode]);
+    }
+
+    pub fn start_again(&self) {
+        self.pg_ctl(&["start", "-w"]);
+    }
+
+    fn pg_ctl(&self, args: &[&str]) {
+        let (ok, out) = self.try_pg_ctl(args);
+        assert!(ok, "pg_ctl {args:?} failed: {out}");
+    }
+
+    fn try_pg_ctl(&self, args: &[&str]) -> (bool, String) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=40",
+            self.port,
+            self._dir.path().display()
+        );
+        let data = self.data.clone();
+        let log = self._dir.path().join("postgres.log");
+        self.try_run("pg_ctl", |c| {
+            c.arg("-D")
+                .arg(&data)
+                .arg("-o")
+                .arg(&options)
+                .arg("-l")
+                .arg(&log)
+                .args(args);
+        })
+    }
+
+    fn run(&self, tool: &str, args: impl FnOnce(&mut Command)) {
+        let (ok, out) = self.try_run(tool, args);
+        assert!(ok, "{tool} failed: {out}");
+    }
+
+    fn try_run(&self, tool: &str, args: impl FnOnce(&mut Command)) -> (bool, String) {
+        let program = self.bin.join(tool);
+        let mut command = if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&program);
+            c
+        } else {
+            Command::new(&program)
+        };
+        args(&mut command);
+        match command.stdin(Stdio::null()).output() {
+            Ok(out) => (
+                out.status.success(),
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            ),
+            Err(e) => (false, e.to_string()),
+        }
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        // Already stopped is fine.
+        let _ = self.try_pg_ctl(&["stop", "-w", "-m", "immediate"]);
+    }
+}
+
+fn running_as_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+}
