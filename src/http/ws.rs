@@ -308,18 +308,23 @@ pub struct WaitQuery {
 }
 
 /// Long poll: answer as soon as the transaction leaves `pending_authorization`, or when the
-/// timeout (default 30 s, at most 55 s) passes, with the current view either way.
+/// timeout (default 30 s, at most 55 s, and always 5 s inside the request timeout) passes,
+/// with the current view either way.
 pub async fn wait(
     State(state): State<AppState>,
     caller: Caller,
     Path(transaction_id): Path<String>,
     ApiQuery(query): ApiQuery<WaitQuery>,
 ) -> ApiResult<Json<projections::TransactionView>> {
-    let timeout = query.timeout.unwrap_or(30);
-    if timeout > MAX_WAIT_SECS {
+    // A wait the request timeout would cut off would answer 408 instead of the view: keep
+    // 5 s (or, under a very short request timeout, half of it) for the answer.
+    let limit = state.request_timeout.as_secs();
+    let max = MAX_WAIT_SECS.min(limit.saturating_sub(5)).max(limit / 2);
+    let timeout = query.timeout.unwrap_or(30.min(max));
+    if timeout > max {
         return Err(ApiError::invalid(
             "timeout",
-            format!("timeout must be at most {MAX_WAIT_SECS} seconds"),
+            format!("timeout must be at most {max} seconds"),
         ));
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);

@@ -120,14 +120,18 @@ async fn owner_socket_gets_the_prompt_and_agent_socket_gets_the_decision(backend
     assert_eq!(prompt["data"]["initiator"]["api_key_name"], "agent");
     assert!(prompt["data"]["expires_at"].is_string());
     assert!(prompt["position"].as_i64().unwrap() > 0);
-    // Pushed straight from this node's commit: stamped once the commit was acknowledged.
+    // Pushed straight from this node's commit: stamped once the commit was acknowledged. (The
+    // hub's fallback pump, which reads from the database every second, can route a commit
+    // between its acknowledgement and the hand-over; such an event carries no stamp.)
     let at = |field: &str| {
         let text = prompt[field]
             .as_str()
             .unwrap_or_else(|| panic!("{field}: {prompt}"));
         OffsetDateTime::parse(text, &Rfc3339).unwrap()
     };
-    assert!(at("committed_at") >= at("recorded_at"), "{prompt}");
+    if !prompt["committed_at"].is_null() {
+        assert!(at("committed_at") >= at("recorded_at"), "{prompt}");
+    }
 
     let (status, _) = app.authorize(&mut user, &tx).await;
     assert_eq!(status, StatusCode::OK);

@@ -78,6 +78,24 @@ async fn slow_and_idle_connections_are_cut_and_long_requests_get_408() {
     assert_eq!(event["type"], "event", "{event}");
     assert_eq!(event["transaction_id"], tx.as_str(), "{event}");
 
+    // Long polls stay inside the request timeout: by default they answer in time, with the
+    // view, and a longer wait than the timeout allows is refused up front.
+    let started = Instant::now();
+    let (status, view) = app
+        .get(&format!("/api/transactions/{tx}/wait"), &agent.auth())
+        .await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    assert_eq!(view["status"], "pending_authorization", "{view}");
+    assert!(started.elapsed() < LIMIT, "{:?}", started.elapsed());
+    let resp = app
+        .get(
+            &format!("/api/transactions/{tx}/wait?timeout=1"),
+            &agent.auth(),
+        )
+        .await;
+    assert_error(&resp, StatusCode::BAD_REQUEST, "invalid_field");
+    assert_eq!(resp.1["error"]["field"], "timeout", "{}", resp.1);
+
     // A request that runs past the request timeout (its simulation waits on a chain node that
     // never answers): a JSON 408, and the cancelled prepare recorded nothing.
     let (status, before) = app.get("/api/transactions", &agent.auth()).await;
