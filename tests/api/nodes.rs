@@ -267,7 +267,16 @@ pub async fn try_request(
     if let Some(body) = body {
         req = req.json(body);
     }
-    let resp = req.send().await.map_err(|e| e.to_string())?;
+    // With the causes: "error sending request" alone does not say what went wrong.
+    let resp = req.send().await.map_err(|e| {
+        let mut text = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(cause) = source {
+            text.push_str(&format!(": {cause}"));
+            source = cause.source();
+        }
+        text
+    })?;
     let status = resp.status();
     let text = resp.text().await.map_err(|e| e.to_string())?;
     let body = if text.is_empty() {
