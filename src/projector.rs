@@ -114,7 +114,12 @@ macro_rules! fold_into_views {
         // position of the last event folded in.
         let mut docs: HashMap<
             (ViewKind, String),
-            (Option<Value>, Option<projections::ViewState>, Option<i64>, i64),
+            (
+                Option<Value>,
+                Option<projections::ViewState>,
+                Option<i64>,
+                i64,
+            ),
         > = HashMap::new();
         let events: Vec<StoredEvent> = $events;
         let mut missing: HashMap<ViewKind, Vec<String>> = HashMap::new();
@@ -152,7 +157,9 @@ macro_rules! fold_into_views {
                 continue;
             };
             let event = crate::upcast::upcast(event, &upcasters);
-            let entry = docs.get_mut(&key).expect("every target was collected above");
+            let entry = docs
+                .get_mut(&key)
+                .expect("every target was collected above");
             // Folded decoded: each document is decoded once and encoded once per batch.
             let current = match entry.1.take() {
                 Some(state) => Some(state),
@@ -185,30 +192,13 @@ macro_rules! fold_into_views {
         let chunks = written.chunks(500).count();
         for (index, chunk) in written.chunks(500).enumerate() {
             let advance = advance_to.clone().filter(|_| index + 1 == chunks);
-            let mut q = sqlx::QueryBuilder::new(if advance.is_some() {
-                "WITH upserted AS (INSERT INTO views (kind, id, owner_user_id, wallet_address, \
-                 api_key_id, status, created_position, position, payload) "
-            } else {
-                "INSERT INTO views (kind, id, owner_user_id, wallet_address, api_key_id, \
-                 status, created_position, position, payload) "
+            let insert = format!("INSERT INTO views ({VIEW_COLUMNS}) ");
+            let mut q = sqlx::QueryBuilder::new(match advance {
+                Some(_) => format!("WITH upserted AS ({insert}"),
+                None => insert,
             });
-            q.push_values(chunk, |mut b, (doc, created, position)| {
-                b.push_bind(doc.kind.as_str())
-                    .push_bind(doc.id.as_str())
-                    .push_bind(doc.owner_user_id.as_deref())
-                    .push_bind(doc.wallet_address.as_deref())
-                    .push_bind(doc.api_key_id.as_deref())
-                    .push_bind(doc.status.as_deref())
-                    .push_bind(*created)
-                    .push_bind(*position)
-                    .push_bind(doc.payload.as_str())
-                    .push_unseparated(json_cast);
-            });
-            q.push(
-                " ON CONFLICT (kind, id) DO UPDATE SET owner_user_id = excluded.owner_user_id, \
-                 wallet_address = excluded.wallet_address, api_key_id = excluded.api_key_id, \
-                 status = excluded.status, position = excluded.position, payload = excluded.payload",
-            );
+            push_view_rows(&mut q, chunk, json_cast);
+            q.push(VIEWS_ON_CONFLICT);
             if let Some((position, notification)) = advance {
                 q.push("), advanced AS (UPDATE projection_checkpoints SET position = ")
                     .push_bind(position)
@@ -224,6 +214,41 @@ macro_rules! fold_into_views {
         }
         (written, chunks > 0 && advance_to.is_some())
     }};
+}
+
+/// The columns a view row is written with (all but the generated ones), in the order
+/// [`push_view_rows`] binds them.
+pub(crate) const VIEW_COLUMNS: &str = "kind, id, owner_user_id, wallet_address, api_key_id, \
+     status, created_position, position, payload";
+/// Writing a document that exists keeps its `created_position`.
+pub(crate) const VIEWS_ON_CONFLICT: &str = " ON CONFLICT (kind, id) DO UPDATE SET \
+     owner_user_id = excluded.owner_user_id, wallet_address = excluded.wallet_address, \
+     api_key_id = excluded.api_key_id, status = excluded.status, position = excluded.position, \
+     payload = excluded.payload";
+
+/// Append `VALUES (…), …` for `rows` (document, creating position, last position) in the
+/// order of [`VIEW_COLUMNS`], each document's JSON text followed by `json_cast`.
+pub(crate) fn push_view_rows<'a, DB: sqlx::Database>(
+    q: &mut sqlx::QueryBuilder<'a, DB>,
+    rows: &'a [(ViewDoc<String>, i64, i64)],
+    json_cast: &str,
+) where
+    &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    Option<&'a str>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    q.push_values(rows, |mut b, (doc, created, position)| {
+        b.push_bind(doc.kind.as_str())
+            .push_bind(doc.id.as_str())
+            .push_bind(doc.owner_user_id.as_deref())
+            .push_bind(doc.wallet_address.as_deref())
+            .push_bind(doc.api_key_id.as_deref())
+            .push_bind(doc.status.as_deref())
+            .push_bind(*created)
+            .push_bind(*position)
+            .push_bind(doc.payload.as_str())
+            .push_unseparated(json_cast);
+    });
 }
 
 /// Payloads and view documents are stored as JSON text (`json` on Postgres, see migration 0008)

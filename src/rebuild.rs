@@ -26,7 +26,7 @@ use projections::{EventHead, StoredEvent, ViewDoc, ViewKind, ViewState};
 use serde_json::Value;
 use sqlx::{PgConnection, SqliteConnection};
 
-use crate::projector::ProjectorError;
+use crate::projector::{push_view_rows, ProjectorError, VIEWS_ON_CONFLICT, VIEW_COLUMNS};
 use crate::store::StoreError;
 
 /// Documents held in memory before the least recently touched are written out (a transaction
@@ -100,9 +100,6 @@ pub(crate) enum Sink<'c> {
 
 /// The table a PostgreSQL rebuild fills before it replaces `views`.
 const STAGING: &str = "views_rebuilt";
-/// The columns a rebuild writes (all but the generated ones).
-const VIEW_COLUMNS: &str = "kind, id, owner_user_id, wallet_address, api_key_id, status, \
-     created_position, position, payload";
 
 /// Folds events into documents held in memory; see the module documentation.
 pub(crate) struct Folder {
@@ -249,12 +246,6 @@ impl Folder {
 /// A rebuilt document with its creating and last positions.
 type Row = (ViewDoc<String>, i64, i64);
 
-/// A document written earlier keeps its `created_position`.
-const ON_CONFLICT: &str = " ON CONFLICT (kind, id) DO UPDATE SET \
-     owner_user_id = excluded.owner_user_id, wallet_address = excluded.wallet_address, \
-     api_key_id = excluded.api_key_id, status = excluded.status, position = excluded.position, \
-     payload = excluded.payload";
-
 impl Sink<'_> {
     fn table(&self) -> &'static str {
         match self {
@@ -334,19 +325,8 @@ impl Sink<'_> {
             macro_rules! run {
                 ($conn:expr, $cast:expr) => {{
                     let mut q = sqlx::QueryBuilder::new(&insert);
-                    q.push_values(chunk, |mut b, (doc, created, position)| {
-                        b.push_bind(doc.kind.as_str())
-                            .push_bind(doc.id.as_str())
-                            .push_bind(doc.owner_user_id.as_deref())
-                            .push_bind(doc.wallet_address.as_deref())
-                            .push_bind(doc.api_key_id.as_deref())
-                            .push_bind(doc.status.as_deref())
-                            .push_bind(*created)
-                            .push_bind(*position)
-                            .push_bind(doc.payload.as_str())
-                            .push_unseparated($cast);
-                    });
-                    q.push(ON_CONFLICT);
+                    push_view_rows(&mut q, chunk, $cast);
+                    q.push(VIEWS_ON_CONFLICT);
                     q.build().execute(&mut **$conn).await?;
                 }};
             }
