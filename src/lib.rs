@@ -17,6 +17,7 @@ pub mod limits;
 pub mod metrics;
 pub mod projector;
 pub mod push;
+pub mod read_cache;
 pub(crate) mod rebuild;
 pub mod services;
 pub mod store;

@@ -605,6 +605,25 @@ impl Metrics {
             deepest.to_string(),
         );
 
+        let (hits, misses, held) = state.hub.cache.stats();
+        family(
+            &mut out,
+            "countersign_read_cache_lookups_total",
+            "counter",
+            "Agents' transaction_status reads answered from memory (hit) or the database (miss).",
+        );
+        let _ = writeln!(
+            out,
+            "countersign_read_cache_lookups_total{{result=\"hit\"}} {hits}\n\
+             countersign_read_cache_lookups_total{{result=\"miss\"}} {misses}"
+        );
+        gauge(
+            &mut out,
+            "countersign_read_cache_documents",
+            "API key and transaction views held by the read cache.",
+            held.to_string(),
+        );
+
         let routed = *state.hub.watch_position().borrow();
         let positions = positions(&state.db).await;
         gauge(

@@ -13,11 +13,12 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch, Notify};
 
+use crate::read_cache::ReadCache;
 use crate::store::{with_pool, Backend, Db, StoreError};
 
 pub const VIEWS_CHANNEL: &str = "countersign_views";
@@ -82,6 +83,11 @@ fn status_after(event_type: &str) -> Option<&'static str> {
 }
 
 impl PushRow {
+    /// Which document the event changed, for the read cache.
+    fn changed(&self) -> (&str, &str, i64) {
+        (&self.aggregate_type, &self.aggregate_id, self.position)
+    }
+
     /// A row for `event`, its routing columns still to be filled in.
     pub fn unrouted(event: &projections::StoredEvent) -> Self {
         Self {
@@ -235,6 +241,8 @@ pub struct Hub {
     pumping: tokio::sync::Mutex<()>,
     wake: Notify,
     position: watch::Sender<i64>,
+    /// Status reads from memory, kept exact by the events routed here.
+    pub cache: ReadCache,
 }
 
 impl Hub {
@@ -242,6 +250,8 @@ impl Hub {
     /// id this node's projector signs its notifications with.
     pub async fn new(db: Db, node: &str) -> Result<Self, StoreError> {
         let cursor = db.projection_checkpoint().await?;
+        let cache = ReadCache::default();
+        cache.advance([], cursor, None);
         Ok(Self {
             db,
             node: node.to_owned(),
@@ -253,6 +263,7 @@ impl Hub {
             pumping: tokio::sync::Mutex::new(()),
             wake: Notify::new(),
             position: watch::Sender::new(cursor),
+            cache,
         })
     }
 
@@ -320,6 +331,9 @@ impl Hub {
     /// reading them back, if they continue exactly where the hub is and no pump is running.
     /// Otherwise wake the pump, which reads them from the database (the source of truth).
     pub fn publish(&self, after: i64, upto: i64, events: &[PushRow]) {
+        // The writer answers once this returns: no read may find the copies these replace,
+        // even while the pump has yet to route them.
+        self.cache.changed(events.iter().map(PushRow::changed));
         // No wait for a running pump: it routes only what is above the cursor when it is done
         // reading, so whichever of the two gets the state lock first routes an event, once.
         let cursor = {
@@ -331,6 +345,7 @@ impl Hub {
                     Self::route(&mut state, row);
                 }
                 state.cursor = upto;
+                self.cache.advance([], upto, Some(Instant::now()));
                 upto
             }
         };
@@ -346,8 +361,10 @@ impl Hub {
         let _pumping = self.pumping.lock().await;
         loop {
             let cursor = self.lock().cursor;
+            let checked = Instant::now();
             let upto = self.db.projection_checkpoint().await?;
             if upto <= cursor {
+                self.cache.advance([], cursor, Some(checked));
                 return Ok(());
             }
             let rows = self.db.push_events(cursor, upto, None).await?;
@@ -360,12 +377,12 @@ impl Hub {
                     Self::route(&mut state, row);
                 }
                 // A full page may stop short of `upto`; otherwise nothing routable remains.
-                let reached = if rows.len() as i64 == PAGE {
-                    reached
-                } else {
-                    upto
-                };
+                let full_page = rows.len() as i64 == PAGE;
+                let reached = if full_page { reached } else { upto };
                 state.cursor = state.cursor.max(reached);
+                let current = (!full_page).then_some(checked);
+                self.cache
+                    .advance(rows.iter().map(PushRow::changed), state.cursor, current);
             }
             self.position.send_replace(self.lock().cursor);
             if (rows.len() as i64) < PAGE {

@@ -1,12 +1,14 @@
 //! Extractors: JSON bodies with field-named errors, request ids, and the two kinds of caller
 //! (users with a JWT, agents with an API key). Authentication failures are always JSON 401s.
 
+use std::sync::Arc;
+
 use aggregates::Address;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
-use projections::{ApiKeyView, ViewKind};
+use projections::{ApiKeyView, TransactionView, ViewKind};
 use secrecy::SecretString;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -14,6 +16,7 @@ use serde::Deserialize;
 use super::error::ApiError;
 use crate::app::AppState;
 use crate::crypto::{ApiKeySecret, MAX_PASSWORD_LEN, MIN_PASSWORD_LEN};
+use crate::read_cache::CachedTransaction;
 use crate::store::Actor;
 
 /// A JSON body. Malformed JSON, wrong types and unknown fields are 400s naming the field;
@@ -175,7 +178,8 @@ impl FromRequestParts<AppState> for AuthUser {
 }
 
 /// An agent authenticated by `X-API-KEY`. Revocation takes effect on the next request: the
-/// key's view is read on every call.
+/// key's view is read on every call (for status polls from the read cache, which the
+/// revocation's commit invalidates; see `read_cache`).
 #[derive(Clone)]
 pub struct AuthAgent {
     pub key: ApiKeyView,
@@ -203,19 +207,40 @@ async fn agent_from_key(state: &AppState, key: &str) -> Result<AuthAgent, ApiErr
     .map(|(agent, ())| agent)
 }
 
-/// The agent presenting `key` and, read in the same round trip, the `kind` view `id` (which the
-/// caller must still check the agent may see). Authenticates exactly as the extractor does.
-pub(super) async fn agent_with_view<T: DeserializeOwned>(
+/// The agent presenting `key` and the transaction `id` (which the caller must still check the
+/// agent may see), authenticated exactly as the extractor does: from the hub's read cache when
+/// it holds both documents (see `read_cache`), else read in one round trip and kept.
+pub(super) async fn agent_with_transaction(
     state: &AppState,
     key: &str,
-    kind: ViewKind,
     id: &str,
-) -> Result<(AuthAgent, Option<T>), ApiError> {
+) -> Result<(AuthAgent, Option<Arc<CachedTransaction>>), ApiError> {
+    let cache = &state.hub.cache;
     authenticate_key(state, key.trim(), |hash| async move {
-        state
+        if let Some((key, transaction)) = cache.status(&hash, id) {
+            return Ok(Some((ApiKeyView::clone(&key), Some(transaction))));
+        }
+        let ticket = cache.begin_read();
+        let found = state
             .db
-            .api_key_view_by_hash_and_view(&hash, kind, id)
-            .await
+            .api_key_view_by_hash_and_view::<ApiKeyView, TransactionView>(
+                &hash,
+                ViewKind::Transaction,
+                id,
+            )
+            .await?;
+        let Some((key, view)) = found else {
+            return Ok(None);
+        };
+        let transaction = view
+            .map(CachedTransaction::new)
+            .transpose()
+            .map_err(|e| crate::store::StoreError::Corrupt(e.to_string()))?
+            .map(Arc::new);
+        if let Some(ticket) = ticket {
+            cache.fill(ticket, &hash, Arc::new(key.clone()), transaction.clone());
+        }
+        Ok(Some((key, transaction)))
     })
     .await
 }

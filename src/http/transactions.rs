@@ -5,9 +5,10 @@
 use aggregates::{Address, Amount, HexBytes, Initiator, PrepareTransaction, TransactionCommand};
 use alloy::json_abi::Function;
 use axum::extract::{FromRequestParts, Path, State};
+use axum::http::header;
 use axum::http::request::Parts;
 use axum::http::StatusCode;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use projections::{TransactionView, ViewKind};
 use serde::Deserialize;
@@ -18,8 +19,8 @@ use zeroize::Zeroizing;
 
 use super::error::{ApiError, ApiResult};
 use super::extract::{
-    agent_with_view, api_key_header, ApiJson, ApiQuery, AuthAgent, AuthUser, Bounded, Caller,
-    MfaCode, RequestId,
+    agent_with_transaction, api_key_header, ApiJson, ApiQuery, AuthAgent, AuthUser, Bounded,
+    Caller, MfaCode, RequestId,
 };
 use super::idempotency::{Idempotent, Scope};
 use super::users::use_mfa_code;
@@ -601,10 +602,7 @@ pub struct StatusQuery {
     transaction_id: String,
 }
 
-pub async fn status(
-    State(state): State<AppState>,
-    mut parts: Parts,
-) -> ApiResult<Json<TransactionView>> {
+pub async fn status(State(state): State<AppState>, mut parts: Parts) -> ApiResult<Response> {
     // Agents poll this: their key and the transaction are read in one round trip.
     if let Some(key) = api_key_header(&parts).map(|k| Zeroizing::new(k.to_owned())) {
         let query = ApiQuery::<StatusQuery>::from_request_parts(&mut parts, &state).await;
@@ -616,21 +614,20 @@ pub async fn status(
                 let ApiQuery(query) = query?;
                 return visible_transaction(&state, &caller, &query.transaction_id)
                     .await
-                    .map(Json);
+                    .map(|v| Json(v).into_response());
             }
         };
-        let (agent, view) =
-            agent_with_view::<TransactionView>(&state, &key, ViewKind::Transaction, id).await?;
+        let (agent, view) = agent_with_transaction(&state, &key, id).await?;
         return view
-            .filter(|v| agent_may_see(&agent, v))
-            .map(Json)
+            .filter(|v| agent_may_see(&agent, &v.view))
+            .map(|v| ([(header::CONTENT_TYPE, "application/json")], v.body.clone()).into_response())
             .ok_or_else(|| ApiError::not_found("transaction"));
     }
     let caller = Caller::from_request_parts(&mut parts, &state).await?;
     let ApiQuery(query) = ApiQuery::<StatusQuery>::from_request_parts(&mut parts, &state).await?;
     visible_transaction(&state, &caller, &query.transaction_id)
         .await
-        .map(Json)
+        .map(|v| Json(v).into_response())
 }
 
 const STATUSES: [&str; 7] = [

@@ -19,6 +19,7 @@ mod negative;
 mod nodes;
 mod projections;
 mod push;
+mod read_cache;
 mod security;
 mod sessions;
 mod timeouts;
