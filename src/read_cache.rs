@@ -26,8 +26,11 @@ use projections::{ApiKeyView, TransactionView};
 /// How long the hub may go without confirming it has read up to the checkpoint before the
 /// cache stops answering (the hub's fallback tick is 1 s).
 pub const MAX_LAG: Duration = Duration::from_secs(2);
-/// Copies, and marks of recent changes, kept per kind; past this they are dropped at once.
-const CAPACITY: usize = 20_000;
+/// Copies kept per kind (a transaction's is ~2.5 KB, decoded and encoded); past this all go
+/// at once.
+const MAX_COPIES: usize = 10_000;
+/// Marks of recent changes kept per kind (an id and a position each); likewise.
+const MAX_MARKS: usize = 20_000;
 
 /// A transaction's view with its JSON encoding, which is the response body.
 pub struct CachedTransaction {
@@ -233,17 +236,17 @@ impl Inner {
         self.make_room();
     }
 
-    /// Past [`CAPACITY`] copies or marks of a kind, forget them. Copies can go at any time;
+    /// Past [`MAX_COPIES`] copies or [`MAX_MARKS`] marks of a kind, forget them. Copies can go at any time;
     /// without the marks, reads begun before cannot be checked and are refused.
     fn make_room(&mut self) {
-        if self.api_keys.held.len() > CAPACITY || self.transactions.held.len() > CAPACITY {
+        if self.api_keys.held.len() > MAX_COPIES || self.transactions.held.len() > MAX_COPIES {
             self.api_keys.held.clear();
             self.transactions.held.clear();
         }
-        if self.key_ids.len() > CAPACITY {
+        if self.key_ids.len() > MAX_COPIES {
             self.key_ids.clear();
         }
-        if self.api_keys.marks.len() > CAPACITY || self.transactions.marks.len() > CAPACITY {
+        if self.api_keys.marks.len() > MAX_MARKS || self.transactions.marks.len() > MAX_MARKS {
             self.api_keys.marks.clear();
             self.transactions.marks.clear();
             self.epoch += 1;
@@ -338,7 +341,7 @@ mod tests {
         let cache = current_at(100);
         cache.fill(cache.begin_read().unwrap(), "hash", key("k1", false), None);
         let before = cache.begin_read().unwrap();
-        for i in 0..=CAPACITY {
+        for i in 0..=MAX_MARKS {
             cache.changed([("Transaction", format!("t{i}").as_str(), 101)]);
         }
         assert!(cache.lock().transactions.marks.is_empty());
@@ -355,7 +358,7 @@ mod tests {
     fn when_copies_overflow_they_are_dropped_and_reads_go_on() {
         let cache = current_at(100);
         // The fill after the one that went past the capacity finds it full.
-        for i in 0..CAPACITY + 2 {
+        for i in 0..MAX_COPIES + 2 {
             let ticket = cache.begin_read().unwrap();
             cache.fill(
                 ticket,

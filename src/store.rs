@@ -127,7 +127,7 @@ const IDLE_PING_AFTER: Duration = Duration::from_secs(1);
 
 const SQLITE_MAX_CONNECTIONS: u32 = 8;
 
-fn pg_pool_options(max_connections: u32) -> PgPoolOptions {
+pub(crate) fn pg_pool_options(max_connections: u32) -> PgPoolOptions {
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10))

@@ -14,6 +14,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use cqrs_es::persist::{
     PersistedEventRepository, PersistenceError, ReplayStream, SerializedEvent, SerializedSnapshot,
@@ -32,6 +33,8 @@ const MAX_BATCH_EVENTS: usize = 2_000;
 const QUEUE: usize = 4_096;
 /// The writer's own pool: it uses one connection at a time.
 const WRITER_CONNECTIONS: u32 = 1;
+/// A batch that failed to reach the database after this long means an outage, not a blip.
+const OUTAGE: Duration = Duration::from_secs(1);
 
 struct Request {
     append: Append,
@@ -123,7 +126,21 @@ async fn run(
                 .reply
                 .send(Err(PersistenceError::OptimisticLockError));
         }
-        commit(projector, db, hub.as_deref(), batch).await;
+        let started = Instant::now();
+        let outcome = commit(projector, db, hub.as_deref(), batch).await;
+        match outcome {
+            // Commands that queued while this batch waited for the database (up to the pool's
+            // acquire timeout: sqlx retries refused connections until then) would each wait
+            // out another timeout behind the next batch. They fail now, unwritten, as a 503.
+            // (A connection that broke at once is a blip: the next batch reconnects.)
+            Err(unreachable) if started.elapsed() > OUTAGE => {
+                while let Ok(request) = receiver.try_recv() {
+                    let error = PersistenceError::ConnectionError(unreachable.clone().into());
+                    let _ = request.reply.send(Err(error));
+                }
+            }
+            _ => {}
+        }
     }
 }
 
@@ -135,7 +152,14 @@ fn publish(projector: &Projector, hub: Option<&Hub>, appended: Appended) {
     projector.advance(appended.upto);
 }
 
-async fn commit(projector: &Projector, db: &Db, hub: Option<&Hub>, batch: Vec<Request>) {
+/// Commit a batch and answer its commands. `Err`: the database could not be reached (why), and
+/// every command of the batch was answered so.
+async fn commit(
+    projector: &Projector,
+    db: &Db,
+    hub: Option<&Hub>,
+    batch: Vec<Request>,
+) -> Result<(), String> {
     let (appends, replies): (Vec<Append>, Vec<_>) =
         batch.into_iter().map(|r| (r.append, r.reply)).unzip();
     match projector.append(db, &appends).await {
@@ -144,8 +168,9 @@ async fn commit(projector: &Projector, db: &Db, hub: Option<&Hub>, batch: Vec<Re
             for reply in replies {
                 let _ = reply.send(Ok(()));
             }
+            Ok(())
         }
-        Err(e) if appends.len() > 1 => {
+        Err(e) if appends.len() > 1 && !is_connection_error(&e) => {
             // Probably one stale command (another node won a race): find it by committing
             // each alone. Any other failure then fails each command on its own.
             tracing::debug!(error = %e, commands = appends.len(), "batch append failed; retrying one by one");
@@ -154,13 +179,34 @@ async fn commit(projector: &Projector, db: &Db, hub: Option<&Hub>, batch: Vec<Re
                 let result = result.map(|appended| publish(projector, hub, appended));
                 let _ = reply.send(result.map_err(to_persistence));
             }
+            Ok(())
+        }
+        Err(e) if is_connection_error(&e) => {
+            // Retrying one by one would wait out the pool's timeout again for each command.
+            let unreachable = e.to_string();
+            for reply in replies {
+                let error = PersistenceError::ConnectionError(unreachable.clone().into());
+                let _ = reply.send(Err(error));
+            }
+            Err(unreachable)
         }
         Err(e) => {
             if let Some(reply) = replies.into_iter().next() {
                 let _ = reply.send(Err(to_persistence(e)));
             }
+            Ok(())
         }
     }
+}
+
+fn is_connection_error(e: &sqlx::Error) -> bool {
+    matches!(
+        e,
+        sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+    )
 }
 
 /// Map a store error the way the cqrs-es repositories do: a duplicate event is a lost race.
@@ -169,10 +215,7 @@ fn to_persistence(e: sqlx::Error) -> PersistenceError {
         sqlx::Error::Database(db) if db.is_unique_violation() => {
             PersistenceError::OptimisticLockError
         }
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed => PersistenceError::ConnectionError(Box::new(e)),
+        _ if is_connection_error(&e) => PersistenceError::ConnectionError(Box::new(e)),
         _ => PersistenceError::UnknownError(Box::new(e)),
     }
 }
@@ -245,5 +288,63 @@ impl PersistedEventRepository for GroupCommitRepository {
 
     async fn stream_all_events<A: Aggregate>(&self) -> Result<ReplayStream, PersistenceError> {
         self.read.stream_all_events::<A>().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(id: &str) -> SerializedEvent {
+        SerializedEvent {
+            aggregate_id: id.into(),
+            sequence: 1,
+            aggregate_type: "Transaction".into(),
+            event_type: "TransactionPrepared".into(),
+            event_version: "1".into(),
+            payload: serde_json::json!({}),
+            metadata: serde_json::json!({}),
+        }
+    }
+
+    /// PostgreSQL down (its port refuses connections): the first batch waits out the pool's
+    /// 10 s acquire timeout; the commands that queued meanwhile fail with it, not 10 s later.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn commands_queued_behind_a_batch_that_cannot_reach_the_database_fail_with_it() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("postgres://postgres@127.0.0.1:{port}/none");
+        let pool = crate::store::pg_pool_options(1).connect_lazy(&url).unwrap();
+        let writer = Writer::spawn(Arc::new(Projector::new(Db::Postgres(pool))), None).unwrap();
+        let started = Instant::now();
+        let first = tokio::spawn({
+            let writer = writer.clone();
+            async move { writer.append("Transaction", vec![event("a")]).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let queued = (0..3).map(|i| {
+            let writer = writer.clone();
+            tokio::spawn(async move {
+                writer
+                    .append("Transaction", vec![event(&i.to_string())])
+                    .await
+            })
+        });
+        let queued = futures::future::join_all(queued).await;
+        for result in std::iter::once(first.await).chain(queued) {
+            let result = result.unwrap();
+            assert!(
+                matches!(result, Err(PersistenceError::ConnectionError(_))),
+                "{result:?}"
+            );
+        }
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_secs(14),
+            "queued commands waited out a second timeout: {took:?}"
+        );
     }
 }

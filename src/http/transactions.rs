@@ -603,7 +603,8 @@ pub struct StatusQuery {
 }
 
 pub async fn status(State(state): State<AppState>, mut parts: Parts) -> ApiResult<Response> {
-    // Agents poll this: their key and the transaction are read in one round trip.
+    // Agents poll this: their key and the transaction come from the read cache, or from one
+    // database round trip.
     if let Some(key) = api_key_header(&parts).map(|k| Zeroizing::new(k.to_owned())) {
         let query = ApiQuery::<StatusQuery>::from_request_parts(&mut parts, &state).await;
         let id = match &query {
