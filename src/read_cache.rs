@@ -236,8 +236,8 @@ impl Inner {
         self.make_room();
     }
 
-    /// Past [`MAX_COPIES`] copies or [`MAX_MARKS`] marks of a kind, forget them. Copies can go at any time;
-    /// without the marks, reads begun before cannot be checked and are refused.
+    /// Past [`MAX_COPIES`] copies or [`MAX_MARKS`] marks of a kind, forget them. Copies can go
+    /// at any time; without the marks, reads begun before cannot be checked and are refused.
     fn make_room(&mut self) {
         if self.api_keys.held.len() > MAX_COPIES || self.transactions.held.len() > MAX_COPIES {
             self.api_keys.held.clear();
