@@ -175,6 +175,21 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
+/// A family with one sample per value of `label`.
+fn labelled(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    label: &str,
+    samples: &[(&str, u64)],
+) {
+    family(out, name, kind, help);
+    for (value, sample) in samples {
+        let _ = writeln!(out, "{name}{{{label}=\"{value}\"}} {sample}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // HTTP requests
 // ---------------------------------------------------------------------------------------------
@@ -606,16 +621,13 @@ impl Metrics {
         );
 
         let (hits, misses, held) = state.hub.cache.stats();
-        family(
+        labelled(
             &mut out,
             "countersign_read_cache_lookups_total",
             "counter",
             "Agents' transaction_status reads answered from memory (hit) or the database (miss).",
-        );
-        let _ = writeln!(
-            out,
-            "countersign_read_cache_lookups_total{{result=\"hit\"}} {hits}\n\
-             countersign_read_cache_lookups_total{{result=\"miss\"}} {misses}"
+            "result",
+            &[("hit", hits), ("miss", misses)],
         );
         gauge(
             &mut out,
@@ -662,17 +674,14 @@ impl Metrics {
             Err(e) => tracing::warn!(error = %e, "metrics: the store did not answer"),
         }
         let (size, idle) = with_pool!(&state.db, |pool| (pool.size(), pool.num_idle()));
-        family(
+        let in_use = (size as usize).saturating_sub(idle);
+        labelled(
             &mut out,
             "countersign_db_pool_connections",
             "gauge",
             "Database pool connections, by state.",
-        );
-        let in_use = (size as usize).saturating_sub(idle);
-        let _ = writeln!(
-            out,
-            "countersign_db_pool_connections{{state=\"idle\"}} {idle}\n\
-             countersign_db_pool_connections{{state=\"in_use\"}} {in_use}"
+            "state",
+            &[("idle", idle as u64), ("in_use", in_use as u64)],
         );
         gauge(
             &mut out,

@@ -197,10 +197,7 @@ impl ReadCache {
     /// Events may be marked more than once and ahead of the cursor (the writer's own commits,
     /// before it answers).
     pub fn changed<'a>(&self, events: impl IntoIterator<Item = (&'a str, &'a str, i64)>) {
-        let mut inner = self.lock();
-        for (aggregate_type, aggregate_id, position) in events {
-            inner.mark(aggregate_type, aggregate_id, position);
-        }
+        self.lock().mark_all(events);
     }
 
     /// Mark a run of events, then move the cursor to `upto` (all events up to it are marked)
@@ -212,9 +209,7 @@ impl ReadCache {
         confirmed: Option<Instant>,
     ) {
         let mut inner = self.lock();
-        for (aggregate_type, aggregate_id, position) in events {
-            inner.mark(aggregate_type, aggregate_id, position);
-        }
+        inner.mark_all(events);
         inner.cursor = inner.cursor.max(upto);
         if let Some(at) = confirmed {
             inner.confirmed = Some(inner.confirmed.map_or(at, |c| c.max(at)));
@@ -227,13 +222,15 @@ impl Inner {
         self.confirmed.is_some_and(|at| at.elapsed() < MAX_LAG)
     }
 
-    fn mark(&mut self, aggregate_type: &str, aggregate_id: &str, position: i64) {
-        match aggregate_type {
-            "ApiKey" => self.api_keys.changed(aggregate_id, position),
-            "Transaction" => self.transactions.changed(aggregate_id, position),
-            _ => return,
+    fn mark_all<'a>(&mut self, events: impl IntoIterator<Item = (&'a str, &'a str, i64)>) {
+        for (aggregate_type, aggregate_id, position) in events {
+            match aggregate_type {
+                "ApiKey" => self.api_keys.changed(aggregate_id, position),
+                "Transaction" => self.transactions.changed(aggregate_id, position),
+                _ => continue,
+            }
+            self.make_room();
         }
-        self.make_room();
     }
 
     /// Past [`MAX_COPIES`] copies or [`MAX_MARKS`] marks of a kind, forget them. Copies can go

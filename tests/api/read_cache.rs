@@ -37,6 +37,22 @@ fn status_path(tx: &str) -> String {
     format!("/api/transaction_status?transaction_id={tx}")
 }
 
+/// Poll the pending `tx` on `base` until two polls were answered from memory: until its hub
+/// has first confirmed it is current (one tick after start), polls go to the database.
+async fn poll_until_answered_from_memory(base: &str, auth: &Auth, tx: &str) {
+    let hits = lookups(base, "hit").await;
+    let started = Instant::now();
+    while lookups(base, "hit").await < hits + 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{base} never answered status polls from memory"
+        );
+        let (status, body) = get_at(base, &status_path(tx), auth).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["status"], "pending_authorization");
+    }
+}
+
 /// Poll on `base` until the reply satisfies `done`; at most `within`.
 async fn poll_until(
     base: &str,
@@ -70,17 +86,7 @@ async fn status_polls_from_memory_see_each_change_at_once_on_the_node_that_made_
     let tx = app
         .prepare(&agent, native_body(&wallet, &random_address(), 1))
         .await;
-    // Until the hub's first tick has confirmed it is current, polls go to the database.
-    let hits = lookups(&app.address, "hit").await;
-    let started = Instant::now();
-    while lookups(&app.address, "hit").await < hits + 2 {
-        assert!(
-            started.elapsed() < Duration::from_secs(3),
-            "status polls were never answered from memory"
-        );
-        let body = app.status(&agent.auth(), &tx).await;
-        assert_eq!(body["status"], "pending_authorization");
-    }
+    poll_until_answered_from_memory(&app.address, &agent.auth(), &tx).await;
 
     let (status, body) = app.authorize(&mut owner, &tx).await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -113,26 +119,7 @@ async fn another_node_s_cache_follows_commits_made_elsewhere() {
     let tx = app
         .prepare(&agent, native_body(&wallet, &random_address(), 1))
         .await;
-    let pending = |status: StatusCode, body: &serde_json::Value| {
-        status == StatusCode::OK && body["status"] == "pending_authorization"
-    };
-    let hits = lookups(&second.address, "hit").await;
-    let started = Instant::now();
-    while lookups(&second.address, "hit").await < hits + 2 {
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "the second node never answered from memory"
-        );
-        poll_until(
-            &second.address,
-            &agent.auth(),
-            &tx,
-            Duration::from_secs(5),
-            "the prepared transaction",
-            pending,
-        )
-        .await;
-    }
+    poll_until_answered_from_memory(&second.address, &agent.auth(), &tx).await;
 
     let (status, body) = app.authorize(&mut owner, &tx).await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -183,16 +170,7 @@ async fn a_node_cut_off_from_the_database_stops_answering_from_memory() {
     let tx = store
         .prepare(&agent, native_body(&wallet, &random_address(), 1))
         .await;
-    let hits = lookups(&node.address, "hit").await;
-    let started = Instant::now();
-    while lookups(&node.address, "hit").await < hits + 2 {
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "the node never answered from memory"
-        );
-        let (status, body) = get_at(&node.address, &status_path(&tx), &agent.auth()).await;
-        assert_eq!(status, StatusCode::OK, "{body}");
-    }
+    poll_until_answered_from_memory(&node.address, &agent.auth(), &tx).await;
 
     proxy.set(crate::nodes::Fault::Reset);
     let cut = Instant::now();
