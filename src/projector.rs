@@ -387,15 +387,8 @@ impl Projector {
                 // second connection sees them all; reading there overlaps with this one's
                 // writes and keeps the stream off the locked transaction.
                 let mut reader = pool.acquire().await?;
-                let mut sink = Sink::Postgres {
-                    conn: &mut tx,
-                    keyed: false,
-                };
-                fold_postgres(&mut reader, upto, only_type, &mut folder, &mut sink).await?;
-                folder.finish(&mut sink).await?;
-                let Sink::Postgres { keyed, .. } = sink else {
-                    unreachable!("built above")
-                };
+                let keyed =
+                    fold_postgres(&mut reader, &mut tx, upto, only_type, &mut folder).await?;
                 drop(reader);
                 crate::rebuild::swap(&mut tx, keyed).await?;
                 if upto > checkpoint {
@@ -797,14 +790,24 @@ impl Db {
         cutoff: &str,
         limit: i64,
     ) -> Result<Vec<T>, StoreError> {
-        let rows: Vec<Value> = with_pool!(self, |pool| sqlx::query_scalar(
-            "SELECT payload FROM views WHERE due_at IS NOT NULL AND due_at <= $1 \
-             ORDER BY due_at LIMIT $2"
-        )
-        .bind(cutoff)
-        .bind(limit)
-        .fetch_all(pool)
-        .await?);
+        // The deadline: SQLite has a generated column for it, PostgreSQL a partial index on
+        // the expression (migration 0009); either serves this query alone.
+        let sql = match self.backend() {
+            Backend::Postgres => {
+                "SELECT payload FROM views WHERE kind = 'transaction' \
+                 AND status = 'pending_authorization' AND payload ->> 'expires_at' <= $1 \
+                 ORDER BY payload ->> 'expires_at' LIMIT $2"
+            }
+            Backend::Sqlite => {
+                "SELECT payload FROM views WHERE due_at IS NOT NULL AND due_at <= $1 \
+                 ORDER BY due_at LIMIT $2"
+            }
+        };
+        let rows: Vec<Value> = with_pool!(self, |pool| sqlx::query_scalar(sql)
+            .bind(cutoff)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?);
         rows.into_iter().map(decode_view).collect()
     }
 

@@ -9,11 +9,16 @@
 //!   later snapshot sees them all), on SQLite in pages inside the rebuild's transaction;
 //! - each payload is decoded from its stored JSON text straight into its typed event (no
 //!   intermediate `Value`; older shapes are upcast first, as everywhere else);
-//! - documents are folded in memory and written once, at the end, in bulk (PostgreSQL: `COPY …
-//!   FROM STDIN (FORMAT binary)`).
+//! - documents are folded in memory and written once, in bulk. On PostgreSQL a `COPY … FROM
+//!   STDIN (FORMAT binary)` into an unindexed staging table stays open while events stream in:
+//!   a document goes into it as soon as it settles (a transaction in a terminal status), so the
+//!   database stores documents while this process is still folding, instead of after. An event
+//!   for a document already sent (which settled documents should never get) is held back and
+//!   folded into it once that `COPY` is closed.
 //!
 //! Memory is bounded by `max_documents`: past it, the least recently touched half is written
-//! out, and read back if a later event touches one of them.
+//! out, and read back if a later event touches one of them (on PostgreSQL, events held back
+//! count towards it too: past it the open `COPY` is closed and the rest folds as on SQLite).
 //!
 //! Nothing here decides what a view contains: that is the `projections` crate's fold.
 
@@ -105,7 +110,8 @@ const STAGING: &str = "views_rebuilt";
 pub(crate) struct Folder {
     only: Option<ViewKind>,
     max_documents: usize,
-    docs: [HashMap<String, Held>; 4],
+    /// Boxed: the maps grow and are drained by moving entries, which should be pointers.
+    docs: [HashMap<String, Box<Held>>; 4],
     /// Documents written out to bound memory: only these can exist in the table (it was
     /// emptied), so only these are ever looked up.
     written_out: [HashSet<String>; 4],
@@ -114,6 +120,47 @@ pub(crate) struct Folder {
     /// Documents read back after being written out early.
     pub(crate) reloaded: i64,
     upcasters: Vec<Box<dyn EventUpcaster>>,
+    /// PostgreSQL, while the staging table's `COPY` is open: documents to send into it, and
+    /// events for documents already sent (folded once the `COPY` is closed).
+    outgoing: Vec<(String, Box<Held>)>,
+    late: Vec<OwnedEvent>,
+}
+
+/// An event held back, owned.
+struct OwnedEvent {
+    position: i64,
+    aggregate_type: String,
+    aggregate_id: String,
+    sequence: i64,
+    event_type: String,
+    event_version: String,
+    payload: String,
+}
+
+impl OwnedEvent {
+    fn of(e: &RawEvent<'_>) -> Self {
+        Self {
+            position: e.position,
+            aggregate_type: e.aggregate_type.to_owned(),
+            aggregate_id: e.aggregate_id.to_owned(),
+            sequence: e.sequence,
+            event_type: e.event_type.to_owned(),
+            event_version: e.event_version.to_owned(),
+            payload: e.payload.to_owned(),
+        }
+    }
+
+    fn raw(&self) -> RawEvent<'_> {
+        RawEvent {
+            position: self.position,
+            aggregate_type: &self.aggregate_type,
+            aggregate_id: &self.aggregate_id,
+            sequence: self.sequence,
+            event_type: &self.event_type,
+            event_version: &self.event_version,
+            payload: &self.payload,
+        }
+    }
 }
 
 impl Folder {
@@ -127,7 +174,14 @@ impl Folder {
             events: 0,
             reloaded: 0,
             upcasters: crate::upcast::upcasters(),
+            outgoing: Vec::new(),
+            late: Vec::new(),
         }
+    }
+
+    /// The kind of view `event` feeds in this rebuild, if any.
+    fn kind_of(&self, event: &RawEvent<'_>) -> Option<ViewKind> {
+        ViewKind::for_aggregate(event.aggregate_type).filter(|k| self.only.is_none_or(|o| o == *k))
     }
 
     /// Fold one event (events must arrive in position order).
@@ -137,33 +191,103 @@ impl Folder {
         sink: &mut Sink<'_>,
     ) -> Result<(), ProjectorError> {
         self.events += 1;
-        let Some(kind) = ViewKind::for_aggregate(event.aggregate_type) else {
+        self.fold_counted(event, sink).await
+    }
+
+    async fn fold_counted(
+        &mut self,
+        event: RawEvent<'_>,
+        sink: &mut Sink<'_>,
+    ) -> Result<(), ProjectorError> {
+        let Some(kind) = self.kind_of(&event) else {
             return Ok(());
         };
-        if self.only.is_some_and(|k| k != kind) {
-            return Ok(());
-        }
-        let head = EventHead {
-            position: event.position,
-            event_type: event.event_type,
-        };
-        let map = &mut self.docs[slot(kind)];
-        let (id, held) = match map.remove_entry(event.aggregate_id) {
+        let (id, current) = match self.docs[slot(kind)].remove_entry(event.aggregate_id) {
             Some((id, held)) => (id, Some(held)),
             None => {
                 self.held += 1;
                 let id = event.aggregate_id.to_owned();
-                let held = if self.written_out[slot(kind)].contains(&id) {
+                let current = if self.written_out[slot(kind)].contains(&id) {
                     self.reloaded += 1;
+                    let head = EventHead {
+                        position: event.position,
+                        event_type: event.event_type,
+                    };
                     sink.load(kind, &id, head).await?
                 } else {
                     None
                 };
-                (id, held)
+                (id, current)
             }
         };
-        let (current, created, stored) = match held {
-            Some(h) => (Some(h.state), h.created, h.stored),
+        self.apply(kind, id, current, &event)?;
+        if self.held > self.max_documents {
+            sink.keyed().await?;
+            let leaving = self.take_out(true);
+            sink.write(leaving).await?;
+        }
+        Ok(())
+    }
+
+    /// [`fold`](Self::fold) while the staging table's `COPY` is open (nothing can be read
+    /// back): documents to send go to `outgoing`, events for documents already sent to `late`.
+    /// Returns whether `late` has outgrown the memory bound.
+    fn fold_streaming(&mut self, event: RawEvent<'_>) -> Result<bool, ProjectorError> {
+        self.events += 1;
+        let Some(kind) = self.kind_of(&event) else {
+            return Ok(false);
+        };
+        let (id, current) = match self.docs[slot(kind)].remove_entry(event.aggregate_id) {
+            Some((id, held)) => (id, Some(held)),
+            None if self.written_out[slot(kind)].contains(event.aggregate_id) => {
+                self.late.push(OwnedEvent::of(&event));
+                return Ok(self.late.len() > self.max_documents);
+            }
+            None => {
+                self.held += 1;
+                (event.aggregate_id.to_owned(), None)
+            }
+        };
+        let settled = self.apply(kind, id.clone(), current, &event)?;
+        if settled {
+            if let Some(held) = self.docs[slot(kind)].remove(&id) {
+                self.held -= 1;
+                self.written_out[slot(kind)].insert(id.clone());
+                self.outgoing.push((id, held));
+            }
+        }
+        if self.held > self.max_documents {
+            // Nothing was read back while the `COPY` is open, so every document is new to
+            // the table and can go into it.
+            let leaving = self.take_out(true);
+            self.outgoing.extend(leaving);
+        }
+        Ok(false)
+    }
+
+    /// Fold `event` into `current` (its document, if one exists) and hold the result. Returns
+    /// whether the document has settled.
+    fn apply(
+        &mut self,
+        kind: ViewKind,
+        id: String,
+        current: Option<Box<Held>>,
+        event: &RawEvent<'_>,
+    ) -> Result<bool, ProjectorError> {
+        let head = EventHead {
+            position: event.position,
+            event_type: event.event_type,
+        };
+        let (current, created, stored) = match current {
+            Some(h) => {
+                let Held {
+                    state,
+                    created,
+                    stored,
+                    ..
+                } = *h;
+                (Some(state), created, stored)
+            }
             None => (None, event.position, false),
         };
         let state = if self
@@ -171,34 +295,27 @@ impl Folder {
             .iter()
             .any(|u| u.can_upcast(event.event_type, event.event_version))
         {
-            let stored_event = crate::upcast::upcast(stored_event(&event)?, &self.upcasters);
+            let stored_event = crate::upcast::upcast(stored_event(event)?, &self.upcasters);
             projections::fold(kind, current, &stored_event)?
         } else {
             projections::fold_text(kind, current, head, event.payload)?
         };
-        self.docs[slot(kind)].insert(
-            id,
-            Held {
-                state,
-                created,
-                position: event.position,
-                touched: self.events as u64,
-                stored,
-            },
-        );
-        if self.held > self.max_documents {
-            sink.keyed().await?;
-            self.write_out(sink, true).await?;
-        }
-        Ok(())
+        // A document read back from the table cannot be sent with `COPY` again.
+        let settled = !stored && state.settled();
+        let held = Held {
+            state,
+            created,
+            position: event.position,
+            touched: self.events as u64,
+            stored,
+        };
+        self.docs[slot(kind)].insert(id, Box::new(held));
+        Ok(settled)
     }
 
-    /// Write documents back: the least recently touched half (`partial`), or all.
-    async fn write_out(
-        &mut self,
-        sink: &mut Sink<'_>,
-        partial: bool,
-    ) -> Result<(), ProjectorError> {
+    /// Take documents out of memory: the least recently touched half (`partial`, remembered
+    /// as written out), or all.
+    fn take_out(&mut self, partial: bool) -> Vec<(String, Box<Held>)> {
         let cutoff = if partial {
             let mut touched: Vec<u64> = self
                 .docs
@@ -222,29 +339,41 @@ impl Folder {
             out.extend(leaving);
         }
         self.held -= out.len();
-        let (again, fresh): (Vec<_>, Vec<_>) = out.into_iter().partition(|(_, h)| h.stored);
-        fn row((id, held): (String, Held)) -> Result<Row, ProjectorError> {
-            let doc = held
-                .state
-                .to_doc_text(id)
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            Ok((doc, held.created, held.position))
-        }
-        let again: Vec<Row> = again.into_iter().map(row).collect::<Result<_, _>>()?;
-        // Encoded as they are sent, so the database stores one chunk while the next is made.
-        sink.insert(fresh.into_iter().map(row)).await?;
-        sink.upsert(&again).await?;
-        Ok(())
+        out
     }
 
-    /// Write every document still held.
+    /// Fold the events held back while the `COPY` was open, then write every document still
+    /// held.
     pub(crate) async fn finish(&mut self, sink: &mut Sink<'_>) -> Result<(), ProjectorError> {
-        self.write_out(sink, false).await
+        self.fold_late(sink).await?;
+        let all = self.take_out(false);
+        sink.write(all).await
+    }
+
+    /// Fold the events held back (their documents are read back from the table).
+    async fn fold_late(&mut self, sink: &mut Sink<'_>) -> Result<(), ProjectorError> {
+        if self.late.is_empty() {
+            return Ok(());
+        }
+        sink.keyed().await?;
+        for event in std::mem::take(&mut self.late) {
+            self.fold_counted(event.raw(), sink).await?;
+        }
+        Ok(())
     }
 }
 
 /// A rebuilt document with its creating and last positions.
 type Row = (ViewDoc<String>, i64, i64);
+
+fn row((id, held): (String, Box<Held>)) -> Result<Row, ProjectorError> {
+    let doc = held.state.to_doc_text(id).map_err(encode_error)?;
+    Ok((doc, held.created, held.position))
+}
+
+fn encode_error(e: serde_json::Error) -> ProjectorError {
+    StoreError::Corrupt(e.to_string()).into()
+}
 
 impl Sink<'_> {
     fn table(&self) -> &'static str {
@@ -271,7 +400,7 @@ impl Sink<'_> {
         kind: ViewKind,
         id: &str,
         head: EventHead<'_>,
-    ) -> Result<Option<Held>, ProjectorError> {
+    ) -> Result<Option<Box<Held>>, ProjectorError> {
         let sql = format!(
             "SELECT payload, created_position FROM {} WHERE kind = $1 AND id = $2",
             self.table()
@@ -295,27 +424,28 @@ impl Sink<'_> {
         let Some((payload, created)) = found else {
             return Ok(None);
         };
-        Ok(Some(Held {
+        Ok(Some(Box::new(Held {
             state: ViewState::decode(kind, &payload, head)?,
             created,
             position: 0,
             touched: 0,
             stored: true,
-        }))
+        })))
     }
 
-    /// Documents that are not in the table yet.
-    async fn insert(
-        &mut self,
-        rows: impl ExactSizeIterator<Item = Result<Row, ProjectorError>>,
-    ) -> Result<(), ProjectorError> {
+    /// Write documents: those new to the table in bulk, those read back from it over their
+    /// rows.
+    async fn write(&mut self, docs: Vec<(String, Box<Held>)>) -> Result<(), ProjectorError> {
+        let (again, fresh): (Vec<_>, Vec<_>) = docs.into_iter().partition(|(_, h)| h.stored);
+        let again: Vec<Row> = again.into_iter().map(row).collect::<Result<_, _>>()?;
         match self {
-            Self::Postgres { conn, .. } => copy_in(conn, rows).await,
+            Self::Postgres { conn, .. } => copy_in(conn, fresh).await?,
             Self::Sqlite(_) => {
-                let rows: Vec<Row> = rows.collect::<Result<_, _>>()?;
-                self.upsert(&rows).await
+                let rows: Vec<Row> = fresh.into_iter().map(row).collect::<Result<_, _>>()?;
+                self.upsert(&rows).await?
             }
         }
+        self.upsert(&again).await
     }
 
     /// Documents that may be in the table.
@@ -388,8 +518,18 @@ pub(crate) async fn swap(conn: &mut PgConnection, keyed: bool) -> Result<(), Pro
         };
         sqlx::query(&sql).execute(&mut *conn).await?;
     }
-    // Fresh statistics, or the planner may not use the new indexes.
-    sqlx::query("ANALYZE views").execute(&mut *conn).await?;
+    // Fresh statistics, or the planner may not use the new indexes: of the columns queries
+    // filter on, that is all but the documents (sampling those is most of the work).
+    let columns: String = sqlx::query_scalar(
+        "SELECT string_agg(quote_ident(attname), ', ') FROM pg_attribute \
+         WHERE attrelid = 'views'::regclass AND attnum > 0 AND NOT attisdropped \
+         AND attname <> 'payload'",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    sqlx::query(&format!("ANALYZE views ({columns})"))
+        .execute(&mut *conn)
+        .await?;
     Ok(())
 }
 
@@ -437,31 +577,39 @@ async fn index_like_views(
         .collect())
 }
 
-/// Write documents with `COPY … FROM STDIN (FORMAT binary)`.
-async fn copy_in(
-    conn: &mut PgConnection,
-    rows: impl ExactSizeIterator<Item = Result<Row, ProjectorError>>,
-) -> Result<(), ProjectorError> {
-    if rows.len() == 0 {
-        return Ok(());
+/// The statement that writes documents into the staging table. `FREEZE` (the table is this
+/// transaction's own) spares every later reader setting hint bits on each fresh row, and
+/// vacuum a pass over them.
+fn copy_in_statement() -> String {
+    format!("COPY {STAGING} ({VIEW_COLUMNS}) FROM STDIN (FORMAT binary, FREEZE)")
+}
+
+/// Documents encoded for `COPY … (FORMAT binary)`, in chunks of about [`COPY_CHUNK`].
+struct CopyRows {
+    buf: Vec<u8>,
+    /// One document's JSON at a time, reused: its length precedes it in the row.
+    json: Vec<u8>,
+}
+
+impl CopyRows {
+    fn new() -> Self {
+        let mut buf = Vec::with_capacity(COPY_CHUNK + (64 << 10));
+        buf.extend_from_slice(SIGNATURE);
+        buf.extend_from_slice(&0i32.to_be_bytes()); // flags
+        buf.extend_from_slice(&0i32.to_be_bytes()); // header extension length
+        Self {
+            buf,
+            json: Vec::with_capacity(4096),
+        }
     }
-    let mut copy = conn
-        .copy_in_raw(&format!(
-            "COPY {STAGING} ({VIEW_COLUMNS}) FROM STDIN (FORMAT binary)"
-        ))
-        .await?;
-    let mut buf = Vec::with_capacity(COPY_CHUNK + 4096);
-    buf.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
-    buf.extend_from_slice(&0i32.to_be_bytes()); // flags
-    buf.extend_from_slice(&0i32.to_be_bytes()); // header extension length
-    for row in rows {
-        let (doc, created, position) = match row {
-            Ok(row) => row,
-            Err(e) => {
-                copy.abort("a document could not be encoded").await?;
-                return Err(e);
-            }
-        };
+
+    fn push(&mut self, (id, held): (String, Box<Held>)) -> Result<(), ProjectorError> {
+        self.json.clear();
+        let doc = held
+            .state
+            .write_doc(id, &mut self.json)
+            .map_err(encode_error)?;
+        let buf = &mut self.buf;
         buf.extend_from_slice(&9i16.to_be_bytes());
         for text in [
             Some(doc.kind.as_str()),
@@ -479,20 +627,50 @@ async fn copy_in(
                 None => buf.extend_from_slice(&(-1i32).to_be_bytes()),
             }
         }
-        for n in [created, position] {
+        for n in [held.created, held.position] {
             buf.extend_from_slice(&8i32.to_be_bytes());
             buf.extend_from_slice(&n.to_be_bytes());
         }
         // json's binary form is its text.
-        buf.extend_from_slice(&field_len(doc.payload.len())?.to_be_bytes());
-        buf.extend_from_slice(doc.payload.as_bytes());
-        if buf.len() >= COPY_CHUNK {
-            copy.send(buf.as_slice()).await?;
-            buf.clear();
+        buf.extend_from_slice(&field_len(self.json.len())?.to_be_bytes());
+        buf.extend_from_slice(&self.json);
+        Ok(())
+    }
+
+    /// The bytes encoded so far, once they make a chunk.
+    fn full_chunk(&mut self) -> Option<Vec<u8>> {
+        (self.buf.len() >= COPY_CHUNK)
+            .then(|| std::mem::replace(&mut self.buf, Vec::with_capacity(COPY_CHUNK + (64 << 10))))
+    }
+
+    /// The rest, with the trailer.
+    fn end(mut self) -> Vec<u8> {
+        self.buf.extend_from_slice(&(-1i16).to_be_bytes());
+        self.buf
+    }
+}
+
+/// Write documents with one `COPY`, each encoded into the buffer being sent, so the database
+/// stores one chunk while the next is made.
+async fn copy_in(
+    conn: &mut PgConnection,
+    docs: Vec<(String, Box<Held>)>,
+) -> Result<(), ProjectorError> {
+    if docs.is_empty() {
+        return Ok(());
+    }
+    let mut copy = conn.copy_in_raw(&copy_in_statement()).await?;
+    let mut rows = CopyRows::new();
+    for doc in docs {
+        if let Err(e) = rows.push(doc) {
+            copy.abort("a document could not be encoded").await?;
+            return Err(e);
+        }
+        if let Some(chunk) = rows.full_chunk() {
+            copy.send(chunk).await?;
         }
     }
-    buf.extend_from_slice(&(-1i16).to_be_bytes());
-    copy.send(buf).await?;
+    copy.send(rows.end()).await?;
     copy.finish().await?;
     Ok(())
 }
@@ -523,15 +701,24 @@ fn stored_event(e: &RawEvent<'_>) -> Result<StoredEvent, ProjectorError> {
     })
 }
 
-/// Stream the events in `(0, upto]` (of one aggregate type, if given) from `conn` in position
-/// order into `folder`, with `COPY … TO STDOUT (FORMAT binary)`.
+/// A chunk for the staging table's open `COPY`.
+enum Chunk {
+    Data(Vec<u8>),
+    /// Everything was sent: the `COPY` may be finished (without it, it is aborted).
+    End(Vec<u8>),
+}
+
+/// Fold the events in `(0, upto]` (of one aggregate type, if given), streamed from `reader`
+/// in position order with `COPY … TO STDOUT (FORMAT binary)`, into the staging table that
+/// `tx` created: see the module documentation. Returns whether the staging table already has
+/// its primary key.
 pub(crate) async fn fold_postgres(
-    conn: &mut PgConnection,
+    reader: &mut PgConnection,
+    tx: &mut PgConnection,
     upto: i64,
     only: Option<&'static str>,
     folder: &mut Folder,
-    sink: &mut Sink<'_>,
-) -> Result<(), ProjectorError> {
+) -> Result<bool, ProjectorError> {
     // COPY takes no parameters: both values are ours (an integer, a fixed type name).
     let filter = only
         .map(|t| format!(" AND aggregate_type = '{t}'"))
@@ -541,18 +728,85 @@ pub(crate) async fn fold_postgres(
          event_version, payload::text FROM events WHERE position <= {upto}{filter} \
          ORDER BY position) TO STDOUT (FORMAT binary)"
     );
-    let mut stream = conn.copy_out_raw(&sql).await?;
-    let mut reader = CopyReader::default();
-    while let Some(chunk) = stream.next().await {
-        reader.push(chunk?);
-        while let Some(row) = reader.next_row()? {
-            folder.fold(row.event()?, sink).await?;
+    let mut stream = reader.copy_out_raw(&sql).await?;
+    let mut events = CopyReader::default();
+
+    // While the staging table's COPY is open: this task folds and encodes, and the one below
+    // feeds the database on the other connection as it goes.
+    let (send, mut receive) = tokio::sync::mpsc::channel::<Chunk>(2);
+    let write = async {
+        let mut copy = tx.copy_in_raw(&copy_in_statement()).await?;
+        while let Some(chunk) = receive.recv().await {
+            match chunk {
+                Chunk::Data(bytes) => {
+                    copy.send(bytes).await?;
+                }
+                Chunk::End(bytes) => {
+                    copy.send(bytes).await?;
+                    copy.finish().await?;
+                    return Ok(());
+                }
+            }
+        }
+        // The fold failed (its error is the one reported).
+        copy.abort("the rebuild failed").await?;
+        Ok::<(), ProjectorError>(())
+    };
+    let fold = async {
+        let mut rows = CopyRows::new();
+        let mut overflow = false;
+        'stream: while let Some(chunk) = stream.next().await {
+            events.push(chunk?);
+            while let Some(row) = events.next_row()? {
+                overflow = folder.fold_streaming(row.event()?)?;
+                for doc in folder.outgoing.drain(..) {
+                    rows.push(doc)?;
+                    if let Some(chunk) = rows.full_chunk() {
+                        send.send(Chunk::Data(chunk))
+                            .await
+                            .map_err(|_| corrupt("the staging table's COPY stopped"))?;
+                    }
+                }
+                if overflow {
+                    break 'stream;
+                }
+            }
+        }
+        send.send(Chunk::End(rows.end()))
+            .await
+            .map_err(|_| corrupt("the staging table's COPY stopped"))?;
+        Ok::<bool, ProjectorError>(overflow)
+    };
+    let (written, folded) = futures::join!(write, fold);
+    // The database's refusal explains the fold's "stopped", not the other way round.
+    written?;
+    let overflow = folded?;
+
+    // The COPY is closed: documents can be read back from here on.
+    let mut sink = Sink::Postgres {
+        conn: tx,
+        keyed: false,
+    };
+    if overflow {
+        folder.fold_late(&mut sink).await?;
+        loop {
+            while let Some(row) = events.next_row()? {
+                folder.fold(row.event()?, &mut sink).await?;
+            }
+            match stream.next().await {
+                Some(chunk) => events.push(chunk?),
+                None => break,
+            }
         }
     }
-    if !reader.finished {
+    if !events.finished {
         return Err(corrupt("the event stream ended early"));
     }
-    Ok(())
+    folder.finish(&mut sink).await?;
+    let Sink::Postgres { keyed, .. } = sink else {
+        unreachable!("built above")
+    };
+    Ok(keyed)
 }
 
 /// Page through the events in `(0, upto]` (of one aggregate type, if given) on SQLite.

@@ -154,6 +154,52 @@ impl ViewState {
         })
     }
 
+    /// Whether no further event is expected for this document: a transaction in a terminal
+    /// status (the aggregate refuses every command there). A rebuild writes such documents out
+    /// as soon as it sees them settle; it must still handle a later event for one.
+    pub fn settled(&self) -> bool {
+        use aggregates::TransactionStatus as S;
+        const ALL: [S; 7] = [
+            S::PendingAuthorization,
+            S::Authorized,
+            S::Rejected,
+            S::Expired,
+            S::Executed,
+            S::Confirmed,
+            S::Failed,
+        ];
+        match self {
+            Self::Transaction(v) => ALL
+                .iter()
+                .any(|s| s.is_terminal() && s.as_str() == v.status),
+            Self::Wallet(_) | Self::ApiKey(_) | Self::User(_) => false,
+        }
+    }
+
+    /// [`to_doc_text`](Self::to_doc_text) that appends the JSON text to `out` instead (the
+    /// rebuild writes documents straight into its `COPY` buffer): the other columns are
+    /// returned.
+    pub fn write_doc(
+        &self,
+        id: String,
+        out: &mut Vec<u8>,
+    ) -> Result<ViewDoc<()>, serde_json::Error> {
+        fn write<V: views::View>(
+            v: &V,
+            id: String,
+            out: &mut Vec<u8>,
+        ) -> Result<ViewDoc<()>, serde_json::Error> {
+            serde_json::to_writer(&mut *out, v)?;
+            Ok(v.doc(id, ()))
+        }
+        match self {
+            Self::Transaction(v) => write(&**v, id, out),
+            Self::Wallet(v) => write(v, id, out),
+            Self::ApiKey(v) => write(v, id, out),
+            Self::User(v) => write(v, id, out),
+        }
+    }
+
     /// [`to_doc`](Self::to_doc) with the document as JSON text (no intermediate `Value`).
     pub fn to_doc_text(&self, id: String) -> Result<ViewDoc<String>, serde_json::Error> {
         use views::View;
