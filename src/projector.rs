@@ -102,10 +102,10 @@ fn event_columns(backend: Backend) -> &'static str {
 /// load the current documents in bulk, fold, write them back in bulk. Written as a macro so
 /// that the same code is compiled for each backend's transaction type.
 macro_rules! fold_into_views {
-    ($tx:expr, $events:expr, $json_cast:expr) => {
-        fold_into_views!($tx, $events, $json_cast, None::<(i64, String)>)
+    ($tx:expr, $events:expr) => {
+        fold_into_views!($tx, $events, None::<(i64, String)>)
     };
-    ($tx:expr, $events:expr, $json_cast:expr, $advance_to:expr) => {{
+    ($tx:expr, $events:expr, $advance_to:expr) => {{
         // `$advance_to` (Postgres only): also move the checkpoint there and notify the other
         // nodes, in the statement that writes the last documents (one round trip fewer).
         let advance_to: Option<(i64, String)> = $advance_to;
@@ -115,7 +115,7 @@ macro_rules! fold_into_views {
         let mut docs: HashMap<
             (ViewKind, String),
             (
-                Option<Value>,
+                Option<String>,
                 Option<projections::ViewState>,
                 Option<i64>,
                 i64,
@@ -144,7 +144,7 @@ macro_rules! fold_into_views {
                     list.push_bind(id.as_str());
                 }
                 list.push_unseparated(")");
-                let found: Vec<(String, Value)> = q.build_query_as().fetch_all($tx).await?;
+                let found: Vec<(String, String)> = q.build_query_as().fetch_all($tx).await?;
                 for (id, payload) in found {
                     if let Some(entry) = docs.get_mut(&(kind, id)) {
                         entry.0 = Some(payload);
@@ -178,8 +178,6 @@ macro_rules! fold_into_views {
             entry.1 = Some(projections::fold(key.0, current, &event)?);
             entry.3 = event.position;
         }
-        // Documents go in as JSON text, cast to the column's type (`$json_cast`).
-        let json_cast: &str = $json_cast;
         let mut written: Vec<(ViewDoc<String>, i64, i64)> = Vec::with_capacity(docs.len());
         for ((_, id), (_, state, created, position)) in docs {
             if let Some(state) = state {
@@ -197,7 +195,7 @@ macro_rules! fold_into_views {
                 Some(_) => format!("WITH upserted AS ({insert}"),
                 None => insert,
             });
-            push_view_rows(&mut q, chunk, json_cast);
+            push_view_rows(&mut q, chunk);
             q.push(VIEWS_ON_CONFLICT);
             if let Some((position, notification)) = advance {
                 q.push("), advanced AS (UPDATE projection_checkpoints SET position = ")
@@ -227,11 +225,11 @@ pub(crate) const VIEWS_ON_CONFLICT: &str = " ON CONFLICT (kind, id) DO UPDATE SE
      payload = excluded.payload";
 
 /// Append `VALUES (…), …` for `rows` (document, creating position, last position) in the
-/// order of [`VIEW_COLUMNS`], each document's JSON text followed by `json_cast`.
+/// order of [`VIEW_COLUMNS`]. Documents are stored as their JSON text (`text` on PostgreSQL
+/// since migration 0009: the database has no reason to check what this process encoded).
 pub(crate) fn push_view_rows<'a, DB: sqlx::Database>(
     q: &mut sqlx::QueryBuilder<'a, DB>,
     rows: &'a [(ViewDoc<String>, i64, i64)],
-    json_cast: &str,
 ) where
     &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
     Option<&'a str>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
@@ -246,12 +244,11 @@ pub(crate) fn push_view_rows<'a, DB: sqlx::Database>(
             .push_bind(doc.status.as_deref())
             .push_bind(*created)
             .push_bind(*position)
-            .push_bind(doc.payload.as_str())
-            .push_unseparated(json_cast);
+            .push_bind(doc.payload.as_str());
     });
 }
 
-/// Payloads and view documents are stored as JSON text (`json` on Postgres, see migration 0008)
+/// Event payloads and metadata are stored as JSON text (`json` on Postgres, see migration 0008)
 /// and bound as text with this cast, so the database only checks the text instead of building
 /// a `jsonb` from it.
 pub(crate) fn json_cast(backend: Backend) -> &'static str {
@@ -476,7 +473,7 @@ impl Projector {
             };
             let count = rows.len() as i64;
             let events: Vec<StoredEvent> = rows.into_iter().map(StoredEvent::from).collect();
-            fold_into_views!(&mut *tx, events, json_cast(backend));
+            fold_into_views!(&mut *tx, events);
             sqlx::query("UPDATE projection_checkpoints SET position = $1 WHERE name = $2")
                 .bind(last)
                 .bind(CHECKPOINT)
@@ -643,7 +640,7 @@ impl Projector {
             let mut pushed: Vec<PushRow> = events.iter().map(PushRow::unrouted).collect();
             let advance_to =
                 (backend == Backend::Postgres).then(|| (last, notification(last, &self.node)));
-            let (written, advanced) = fold_into_views!(&mut *tx, events, json_cast, advance_to);
+            let (written, advanced) = fold_into_views!(&mut *tx, events, advance_to);
             // Route by the transaction's view as of this commit, as the hub's query would.
             let routes: HashMap<&str, &ViewDoc<String>> = written
                 .iter()
@@ -711,7 +708,7 @@ impl Db {
         kind: ViewKind,
         id: &str,
     ) -> Result<Option<T>, StoreError> {
-        let payload: Option<Value> = with_pool!(self, |pool| sqlx::query_scalar(
+        let payload: Option<String> = with_pool!(self, |pool| sqlx::query_scalar(
             "SELECT payload FROM views WHERE kind = $1 AND id = $2"
         )
         .bind(kind.as_str())
@@ -726,7 +723,7 @@ impl Db {
         &self,
         key_hash: &str,
     ) -> Result<Option<T>, StoreError> {
-        let payload: Option<Value> = with_pool!(self, |pool| sqlx::query_scalar(
+        let payload: Option<String> = with_pool!(self, |pool| sqlx::query_scalar(
             "SELECT v.payload FROM api_key_credentials c \
              JOIN views v ON v.kind = 'api_key' AND v.id = c.api_key_id WHERE c.key_hash = $1"
         )
@@ -744,7 +741,7 @@ impl Db {
         kind: ViewKind,
         id: &str,
     ) -> Result<Option<(K, Option<T>)>, StoreError> {
-        let row: Option<(Value, Option<Value>)> = with_pool!(self, |pool| sqlx::query_as(
+        let row: Option<(String, Option<String>)> = with_pool!(self, |pool| sqlx::query_as(
             "SELECT k.payload, t.payload FROM api_key_credentials c \
              JOIN views k ON k.kind = 'api_key' AND k.id = c.api_key_id \
              LEFT JOIN views t ON t.kind = $2 AND t.id = $3 \
@@ -773,7 +770,7 @@ impl Db {
              AND ($3 IS NULL OR status = $3) ORDER BY created_position DESC LIMIT 1000",
             column.name()
         );
-        let rows: Vec<Value> = with_pool!(self, |pool| sqlx::query_scalar(&sql)
+        let rows: Vec<String> = with_pool!(self, |pool| sqlx::query_scalar(&sql)
             .bind(kind.as_str())
             .bind(value)
             .bind(status)
@@ -795,15 +792,15 @@ impl Db {
         let sql = match self.backend() {
             Backend::Postgres => {
                 "SELECT payload FROM views WHERE kind = 'transaction' \
-                 AND status = 'pending_authorization' AND payload ->> 'expires_at' <= $1 \
-                 ORDER BY payload ->> 'expires_at' LIMIT $2"
+                 AND status = 'pending_authorization' AND payload::json ->> 'expires_at' <= $1 \
+                 ORDER BY payload::json ->> 'expires_at' LIMIT $2"
             }
             Backend::Sqlite => {
                 "SELECT payload FROM views WHERE due_at IS NOT NULL AND due_at <= $1 \
                  ORDER BY due_at LIMIT $2"
             }
         };
-        let rows: Vec<Value> = with_pool!(self, |pool| sqlx::query_scalar(sql)
+        let rows: Vec<String> = with_pool!(self, |pool| sqlx::query_scalar(sql)
             .bind(cutoff)
             .bind(limit)
             .fetch_all(pool)
@@ -817,7 +814,7 @@ impl Db {
         kind: ViewKind,
         status: &str,
     ) -> Result<Vec<T>, StoreError> {
-        let rows: Vec<Value> = with_pool!(self, |pool| {
+        let rows: Vec<String> = with_pool!(self, |pool| {
             sqlx::query_scalar(
             "SELECT payload FROM views WHERE kind = $1 AND status = $2 ORDER BY position LIMIT 10000"
         )
@@ -883,6 +880,6 @@ impl ViewColumn {
     }
 }
 
-fn decode_view<T: DeserializeOwned>(payload: Value) -> Result<T, StoreError> {
-    serde_json::from_value(payload).map_err(|e| StoreError::Corrupt(e.to_string()))
+fn decode_view<T: DeserializeOwned>(payload: String) -> Result<T, StoreError> {
+    serde_json::from_str(&payload).map_err(|e| StoreError::Corrupt(e.to_string()))
 }

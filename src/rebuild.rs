@@ -405,7 +405,7 @@ impl Sink<'_> {
             "SELECT payload, created_position FROM {} WHERE kind = $1 AND id = $2",
             self.table()
         );
-        let found: Option<(Value, i64)> = match self {
+        let found: Option<(String, i64)> = match self {
             Self::Postgres { conn: c, .. } => {
                 sqlx::query_as(&sql)
                     .bind(kind.as_str())
@@ -453,16 +453,16 @@ impl Sink<'_> {
         let insert = format!("INSERT INTO {} ({VIEW_COLUMNS}) ", self.table());
         for chunk in rows.chunks(UPSERT_CHUNK) {
             macro_rules! run {
-                ($conn:expr, $cast:expr) => {{
+                ($conn:expr) => {{
                     let mut q = sqlx::QueryBuilder::new(&insert);
-                    push_view_rows(&mut q, chunk, $cast);
+                    push_view_rows(&mut q, chunk);
                     q.push(VIEWS_ON_CONFLICT);
                     q.build().execute(&mut **$conn).await?;
                 }};
             }
             match self {
-                Self::Postgres { conn: c, .. } => run!(c, "::json"),
-                Self::Sqlite(c) => run!(c, ""),
+                Self::Postgres { conn: c, .. } => run!(c),
+                Self::Sqlite(c) => run!(c),
             }
         }
         Ok(())
@@ -631,7 +631,6 @@ impl CopyRows {
             buf.extend_from_slice(&8i32.to_be_bytes());
             buf.extend_from_slice(&n.to_be_bytes());
         }
-        // json's binary form is its text.
         buf.extend_from_slice(&field_len(self.json.len())?.to_be_bytes());
         buf.extend_from_slice(&self.json);
         Ok(())

@@ -126,20 +126,21 @@ pub enum ViewState {
 }
 
 impl ViewState {
-    /// Decode a stored document of `kind` (errors name `event`, the event being folded).
+    /// Decode a stored document of `kind` from its JSON text (errors name `event`, the event
+    /// being folded).
     pub fn decode(
         kind: ViewKind,
-        payload: &Value,
+        payload: &str,
         event: EventHead<'_>,
     ) -> Result<Self, ProjectionError> {
         let err = |e| views::decode_error(event, e);
         Ok(match kind {
-            ViewKind::Transaction => Self::Transaction(Box::new(
-                TransactionView::deserialize(payload).map_err(err)?,
-            )),
-            ViewKind::Wallet => Self::Wallet(WalletView::deserialize(payload).map_err(err)?),
-            ViewKind::ApiKey => Self::ApiKey(ApiKeyView::deserialize(payload).map_err(err)?),
-            ViewKind::User => Self::User(UserView::deserialize(payload).map_err(err)?),
+            ViewKind::Transaction => {
+                Self::Transaction(Box::new(serde_json::from_str(payload).map_err(err)?))
+            }
+            ViewKind::Wallet => Self::Wallet(serde_json::from_str(payload).map_err(err)?),
+            ViewKind::ApiKey => Self::ApiKey(serde_json::from_str(payload).map_err(err)?),
+            ViewKind::User => Self::User(serde_json::from_str(payload).map_err(err)?),
         })
     }
 

@@ -178,7 +178,7 @@ impl Db {
         user_id: &str,
         token_id: &str,
     ) -> Result<Option<(UserView, bool)>, StoreError> {
-        let row: Option<(Value, i64)> = with_pool!(self, |pool| sqlx::query_as(
+        let row: Option<(String, i64)> = with_pool!(self, |pool| sqlx::query_as(
             "SELECT payload, (SELECT COUNT(*) FROM revoked_tokens WHERE token_id = $3) \
              FROM views WHERE kind = $1 AND id = $2"
         )
@@ -188,7 +188,7 @@ impl Db {
         .fetch_optional(pool)
         .await?);
         row.map(|(payload, revoked)| {
-            serde_json::from_value(payload)
+            serde_json::from_str(&payload)
                 .map(|view| (view, revoked > 0))
                 .map_err(|e| StoreError::Corrupt(e.to_string()))
         })

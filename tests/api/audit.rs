@@ -833,7 +833,7 @@ async fn views_shape(db: &Db) -> Vec<String> {
              UNION ALL SELECT indexdef FROM pg_indexes WHERE tablename = 'views' \
              UNION ALL SELECT conname || ' ' || pg_get_constraintdef(oid) FROM pg_constraint \
                        WHERE conrelid = 'views'::regclass \
-             UNION ALL SELECT 'due ' || id || ' ' || (payload ->> 'expires_at') FROM views \
+             UNION ALL SELECT 'due ' || id || ' ' || (payload::json ->> 'expires_at') FROM views \
                        WHERE kind = 'transaction' AND status = 'pending_authorization' \
              UNION ALL SELECT 'table ' || tablename FROM pg_tables WHERE tablename LIKE 'views%' \
              ORDER BY 1",
