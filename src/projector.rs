@@ -371,7 +371,13 @@ impl Projector {
         }
         let position = match &self.db {
             Db::Postgres(pool) => {
-                let mut tx = pool.begin().await?;
+                // Both connections are closed afterwards instead of going back to the pool:
+                // after a failure either may be left in the middle of a `COPY`.
+                let mut conn = pool.acquire().await?;
+                let mut reader = pool.acquire().await?;
+                conn.close_on_drop();
+                reader.close_on_drop();
+                let mut tx = sqlx::Connection::begin(&mut *conn).await?;
                 let (checkpoint, upto) = begin!(tx);
                 // Into a fresh table, indexed once it is full (far cheaper than keeping five
                 // indexes up to date row by row), swapped in at the end.
@@ -383,7 +389,6 @@ impl Projector {
                 // Every event up to `upto` is committed (positions are commit-ordered), so a
                 // second connection sees them all; reading there overlaps with this one's
                 // writes and keeps the stream off the locked transaction.
-                let mut reader = pool.acquire().await?;
                 let keyed =
                     fold_postgres(&mut reader, &mut tx, upto, only_type, &mut folder).await?;
                 drop(reader);

@@ -732,8 +732,11 @@ pub(crate) async fn fold_postgres(
 
     // While the staging table's COPY is open: this task folds and encodes, and the one below
     // feeds the database on the other connection as it goes.
-    let (send, mut receive) = tokio::sync::mpsc::channel::<Chunk>(2);
+    let (send, receive) = tokio::sync::mpsc::channel::<Chunk>(2);
     let write = async {
+        // Each future owns its end of the channel, so that whichever stops first (done or
+        // failed) closes it and the other one stops too, instead of waiting forever.
+        let mut receive = receive;
         let mut copy = tx.copy_in_raw(&copy_in_statement()).await?;
         while let Some(chunk) = receive.recv().await {
             match chunk {
@@ -752,6 +755,7 @@ pub(crate) async fn fold_postgres(
         Ok::<(), ProjectorError>(())
     };
     let fold = async {
+        let send = send;
         let mut rows = CopyRows::new();
         let mut overflow = false;
         'stream: while let Some(chunk) = stream.next().await {

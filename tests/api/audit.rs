@@ -959,6 +959,26 @@ async fn rebuilt_views_equal_the_live_ones(backend: Backend) {
     // The API still serves.
     let (status, _) = app.get("/api/transactions", &user.auth()).await;
     assert_eq!(status, StatusCode::OK);
+
+    // An event that cannot be folded, last in the log (so most documents are already on
+    // their way to the database when it is read): the rebuild fails, promptly, naming it,
+    // and leaves the views as they were.
+    exec(
+        &db,
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+         VALUES ('Transaction', 'broken', 1, 'TransactionPrepared', '1.0', \
+         '{\"TransactionPrepared\":5}', '{\"actor\":\"test\",\"actor_type\":\"system\"}')",
+    )
+    .await;
+    let failed = tokio::time::timeout(std::time::Duration::from_secs(30), projector.rebuild(None))
+        .await
+        .expect("a failing rebuild returns instead of hanging");
+    let err = failed
+        .expect_err("an undecodable event fails the rebuild")
+        .to_string();
+    assert!(err.contains("TransactionPrepared"), "{err}");
+    assert_eq!(views_snapshot(&db).await, late);
+    assert_eq!(views_shape(&db).await, shape);
     db.close().await;
     app.cleanup().await;
 }
