@@ -730,8 +730,9 @@ pub(crate) async fn fold_postgres(
     let mut stream = reader.copy_out_raw(&sql).await?;
     let mut events = CopyReader::default();
 
-    // While the staging table's COPY is open: this task folds and encodes, and the one below
-    // feeds the database on the other connection as it goes.
+    // While the staging table's COPY is open, two futures run together on this task: `fold`
+    // reads, folds and encodes; `write` feeds the chunks to the database on the other
+    // connection as they come.
     let (send, receive) = tokio::sync::mpsc::channel::<Chunk>(2);
     let write = async {
         // Each future owns its end of the channel, so that whichever stops first (done or
