@@ -21,7 +21,7 @@ use alloy::signers::SignerSync;
 use alloy::sol_types::SolValue;
 use alloy::transports::{RpcError, TransportErrorKind};
 use async_trait::async_trait;
-use tokio::sync::OnceCell;
+use tokio::sync::{mpsc, oneshot, OnceCell};
 use zeroize::Zeroizing;
 
 use crate::crypto::{MasterKey, Purpose};
@@ -131,6 +131,116 @@ pub struct Chain {
     chain_id: Arc<OnceCell<u64>>,
     metrics: Arc<ChainMetrics>,
     recent_fees: Arc<std::sync::Mutex<Option<(std::time::Instant, Fees)>>>,
+    estimates: Arc<Estimates>,
+}
+
+/// Most gas estimates in one JSON-RPC batch.
+const MAX_ESTIMATES_PER_BATCH: usize = 32;
+/// Batches of gas estimates on their way to the node at once.
+const ESTIMATE_BATCHES_IN_FLIGHT: usize = 2;
+
+/// Gas estimates (every simulation) sent as JSON-RPC batches: while batches are in flight,
+/// the estimates asked for meanwhile queue up and go together in the next one. Under load the
+/// node then parses, schedules and answers one HTTP request for many estimates, and this
+/// process sends one; when idle, an estimate goes out at once, alone. Each estimate still gets
+/// its own answer or error (a revert of one does not touch the others).
+struct Estimates {
+    client: alloy::rpc::client::RpcClient,
+    queue: OnceCell<mpsc::UnboundedSender<Estimate>>,
+}
+
+struct Estimate {
+    request: TransactionRequest,
+    reply: oneshot::Sender<Result<primitives::U64, RpcError<TransportErrorKind>>>,
+}
+
+impl Estimates {
+    /// `eth_estimateGas` of `request` at the pending block, as alloy's provider asks it.
+    async fn estimate(
+        &self,
+        request: TransactionRequest,
+        timeout: Duration,
+    ) -> Result<u64, RpcError<TransportErrorKind>> {
+        let queue = self
+            .queue
+            .get_or_init(|| async { self.start(timeout) })
+            .await;
+        let (reply, answer) = oneshot::channel();
+        let stopped = || TransportErrorKind::custom_str("the gas estimator has stopped");
+        queue
+            .send(Estimate { request, reply })
+            .map_err(|_| stopped())?;
+        let gas = answer.await.map_err(|_| stopped())??;
+        Ok(gas.to::<u64>())
+    }
+
+    /// The task that batches the queue (on the runtime of the first estimate).
+    fn start(&self, timeout: Duration) -> mpsc::UnboundedSender<Estimate> {
+        let (sender, mut queue) = mpsc::unbounded_channel::<Estimate>();
+        let client = self.client.clone();
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(ESTIMATE_BATCHES_IN_FLIGHT));
+        tokio::spawn(async move {
+            loop {
+                let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                    return;
+                };
+                let Some(first) = queue.recv().await else {
+                    return;
+                };
+                let mut estimates = vec![first];
+                while estimates.len() < MAX_ESTIMATES_PER_BATCH {
+                    match queue.try_recv() {
+                        Ok(next) => estimates.push(next),
+                        Err(_) => break,
+                    }
+                }
+                let client = client.clone();
+                tokio::spawn(async move {
+                    send_estimates(&client, estimates, timeout).await;
+                    drop(permit);
+                });
+            }
+        });
+        sender
+    }
+}
+
+/// Send one batch and hand each estimate its answer. (A batch that does not complete in time
+/// drops its answers: each caller's own timeout reports that.)
+async fn send_estimates(
+    client: &alloy::rpc::client::RpcClient,
+    estimates: Vec<Estimate>,
+    timeout: Duration,
+) {
+    let mut batch = client.new_batch();
+    let mut waiting = Vec::with_capacity(estimates.len());
+    for Estimate { request, reply } in estimates {
+        let params = (request, alloy::eips::BlockNumberOrTag::Pending);
+        match batch.add_call::<_, primitives::U64>("eth_estimateGas", &params) {
+            Ok(waiter) => waiting.push((waiter, reply)),
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+    let answers = async {
+        // Once the batch is answered, each waiter holds its own answer.
+        let sent = batch.send().await;
+        let mut answers = Vec::with_capacity(waiting.len());
+        for (waiter, reply) in waiting {
+            let answer = match &sent {
+                Ok(()) => waiter.await,
+                Err(e) => Err(TransportErrorKind::custom_str(&e.to_string())),
+            };
+            answers.push((answer, reply));
+        }
+        answers
+    };
+    if let Ok(answers) = tokio::time::timeout(timeout, answers).await {
+        for (answer, reply) in answers {
+            let _ = reply.send(answer);
+        }
+    }
 }
 
 /// `(max_fee_per_gas, max_priority_fee_per_gas)`, wei.
@@ -155,8 +265,13 @@ impl Chain {
                 tracing::warn!(error = %e, "HTTP client with timeouts unavailable; using default");
                 alloy::transports::http::Http::new(url)
             });
+        let client = alloy::rpc::client::RpcClient::new(http, is_local);
         Self {
-            provider: RootProvider::new(alloy::rpc::client::RpcClient::new(http, is_local)),
+            provider: RootProvider::new(client.clone()),
+            estimates: Arc::new(Estimates {
+                client,
+                queue: OnceCell::new(),
+            }),
             timeout,
             chain_id: Arc::new(OnceCell::new()),
             metrics: Arc::default(),
@@ -294,7 +409,7 @@ impl Chain {
                 self.timeout,
                 &self.metrics,
                 RpcMethod::EstimateGas,
-                self.provider.estimate_gas(request).into_future(),
+                self.estimates.estimate(request, self.timeout),
             )
             .await?
             {
