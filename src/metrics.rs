@@ -632,8 +632,28 @@ impl Metrics {
         gauge(
             &mut out,
             "countersign_read_cache_documents",
-            "API key and transaction views held by the read cache.",
+            "API key, transaction and wallet views held by the read cache.",
             held.to_string(),
+        );
+        let (hits, misses) = state.hub.cache.command_stats();
+        labelled(
+            &mut out,
+            "countersign_read_cache_command_lookups_total",
+            "counter",
+            "Agents' prepares: API keys and wallets found in memory (hit) or read from the \
+             database (miss). Either way the command commits only if they are unchanged.",
+            "result",
+            &[("hit", hits), ("miss", misses)],
+        );
+
+        let (fast, general) = state.projector.batches();
+        labelled(
+            &mut out,
+            "countersign_writer_batches_total",
+            "counter",
+            "Group commits by the writer's path: one statement (fast) or the general transaction.",
+            "path",
+            &[("fast", fast), ("general", general)],
         );
 
         let routed = *state.hub.watch_position().borrow();

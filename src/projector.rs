@@ -103,39 +103,16 @@ fn event_columns(backend: Backend) -> &'static str {
 /// that the same code is compiled for each backend's transaction type.
 macro_rules! fold_into_views {
     ($tx:expr, $events:expr) => {
-        fold_into_views!($tx, $events, None::<(i64, String)>)
+        fold_into_views!($tx, $events, None::<(i64, i64, String)>)
     };
     ($tx:expr, $events:expr, $advance_to:expr) => {{
-        // `$advance_to` (Postgres only): also move the checkpoint there and notify the other
-        // nodes, in the statement that writes the last documents (one round trip fewer).
-        let advance_to: Option<(i64, String)> = $advance_to;
-        let upcasters = crate::upcast::upcasters();
-        // Each document touched, with the position that created it (if created here) and the
-        // position of the last event folded in.
-        let mut docs: HashMap<
-            (ViewKind, String),
-            (
-                Option<String>,
-                Option<projections::ViewState>,
-                Option<i64>,
-                i64,
-            ),
-        > = HashMap::new();
+        // `$advance_to` (Postgres only): also move the checkpoint there (position, version)
+        // and notify the other nodes, in the statement that writes the last documents (one
+        // round trip fewer).
+        let advance_to: Option<(i64, i64, String)> = $advance_to;
         let events: Vec<StoredEvent> = $events;
-        let mut missing: HashMap<ViewKind, Vec<String>> = HashMap::new();
-        for event in &events {
-            if let Some(key) = projections::target(event) {
-                if !docs.contains_key(&key) {
-                    // An aggregate's first event creates its view: nothing to look up.
-                    let created_here = event.sequence == 1 && key.1 == event.aggregate_id;
-                    if !created_here {
-                        missing.entry(key.0).or_default().push(key.1.clone());
-                    }
-                    docs.insert(key, (None, None, None, 0));
-                }
-            }
-        }
-        for (kind, ids) in missing {
+        let mut stored: HashMap<DocKey, String> = HashMap::new();
+        for (kind, ids) in documents_to_load(&events) {
             for chunk in ids.chunks(500) {
                 let mut q = sqlx::QueryBuilder::new("SELECT id, payload FROM views WHERE kind = ");
                 q.push_bind(kind.as_str()).push(" AND id IN (");
@@ -145,48 +122,10 @@ macro_rules! fold_into_views {
                 }
                 list.push_unseparated(")");
                 let found: Vec<(String, String)> = q.build_query_as().fetch_all($tx).await?;
-                for (id, payload) in found {
-                    if let Some(entry) = docs.get_mut(&(kind, id)) {
-                        entry.0 = Some(payload);
-                    }
-                }
+                stored.extend(found.into_iter().map(|(id, payload)| ((kind, id), payload)));
             }
         }
-        for event in events {
-            let Some(key) = projections::target(&event) else {
-                continue;
-            };
-            let event = crate::upcast::upcast(event, &upcasters);
-            let entry = docs
-                .get_mut(&key)
-                .expect("every target was collected above");
-            // Folded decoded: each document is decoded once and encoded once per batch.
-            let current = match entry.1.take() {
-                Some(state) => Some(state),
-                None => entry
-                    .0
-                    .take()
-                    .map(|doc| {
-                        let head = projections::EventHead::of(&event);
-                        projections::ViewState::decode(key.0, &doc, head)
-                    })
-                    .transpose()?,
-            };
-            if current.is_none() {
-                entry.2 = Some(event.position);
-            }
-            entry.1 = Some(projections::fold(key.0, current, &event)?);
-            entry.3 = event.position;
-        }
-        let mut written: Vec<(ViewDoc<String>, i64, i64)> = Vec::with_capacity(docs.len());
-        for ((_, id), (_, state, created, position)) in docs {
-            if let Some(state) = state {
-                let doc = state
-                    .to_doc_text(id)
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                written.push((doc, created.unwrap_or(position), position));
-            }
-        }
+        let written = fold_documents(events, stored)?;
         let chunks = written.chunks(500).count();
         for (index, chunk) in written.chunks(500).enumerate() {
             let advance = advance_to.clone().filter(|_| index + 1 == chunks);
@@ -197,9 +136,11 @@ macro_rules! fold_into_views {
             });
             push_view_rows(&mut q, chunk);
             q.push(VIEWS_ON_CONFLICT);
-            if let Some((position, notification)) = advance {
+            if let Some((position, version, notification)) = advance {
                 q.push("), advanced AS (UPDATE projection_checkpoints SET position = ")
                     .push_bind(position)
+                    .push(", version = ")
+                    .push_bind(version)
                     .push(" WHERE name = ")
                     .push_bind(CHECKPOINT)
                     .push(") SELECT pg_notify(")
@@ -212,6 +153,91 @@ macro_rules! fold_into_views {
         }
         (written, chunks > 0 && advance_to.is_some())
     }};
+}
+
+/// A view document's key: its kind and id.
+pub(crate) type DocKey = (ViewKind, String);
+
+/// The documents `events` update that they do not create, by kind: what a fold must load.
+fn documents_to_load(events: &[StoredEvent]) -> HashMap<ViewKind, Vec<String>> {
+    let mut seen = std::collections::HashSet::new();
+    let mut missing: HashMap<ViewKind, Vec<String>> = HashMap::new();
+    for event in events {
+        if let Some(key) = projections::target(event) {
+            if seen.insert(key.clone()) {
+                // An aggregate's first event creates its view: nothing to look up.
+                let created_here = event.sequence == 1 && key.1 == event.aggregate_id;
+                if !created_here {
+                    missing.entry(key.0).or_default().push(key.1);
+                }
+            }
+        }
+    }
+    missing
+}
+
+/// A written view document: the document, the position that created it and the position of
+/// the last event folded into it.
+pub(crate) type WrittenDoc = (ViewDoc<String>, i64, i64);
+
+/// Fold `events` (in position order) into the documents they touch. `stored` holds the text
+/// of every document they update that existed before them ([`documents_to_load`]); each is
+/// decoded once and encoded once.
+fn fold_documents(
+    events: Vec<StoredEvent>,
+    mut stored: HashMap<DocKey, String>,
+) -> Result<Vec<WrittenDoc>, ProjectorError> {
+    let upcasters = crate::upcast::upcasters();
+    // Each document touched: its state, the position that created it (if created here) and
+    // the position of the last event folded in.
+    let mut docs: HashMap<DocKey, (projections::ViewState, Option<i64>, i64)> = HashMap::new();
+    for event in events {
+        let Some(key) = projections::target(&event) else {
+            continue;
+        };
+        let event = crate::upcast::upcast(event, &upcasters);
+        let (current, created) = match docs.remove(&key) {
+            Some((state, created, _)) => (Some(state), created),
+            None => {
+                let head = projections::EventHead::of(&event);
+                let current = stored
+                    .remove(&key)
+                    .map(|doc| projections::ViewState::decode(key.0, &doc, head))
+                    .transpose()?;
+                let created = current.is_none().then_some(event.position);
+                (current, created)
+            }
+        };
+        let state = projections::fold(key.0, current, &event)?;
+        docs.insert(key, (state, created, event.position));
+    }
+    let mut written = Vec::with_capacity(docs.len());
+    for ((_, id), (state, created, position)) in docs {
+        let doc = state
+            .to_doc_text(id)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        written.push((doc, created.unwrap_or(position), position));
+    }
+    Ok(written)
+}
+
+/// Fill in the routing columns of transaction events from their documents as written, as the
+/// hub's query would read them.
+fn route(pushed: &mut [PushRow], written: &[WrittenDoc]) {
+    let routes: HashMap<&str, &ViewDoc<String>> = written
+        .iter()
+        .filter(|(doc, _, _)| doc.kind == ViewKind::Transaction)
+        .map(|(doc, _, _)| (doc.id.as_str(), doc))
+        .collect();
+    for row in pushed {
+        if row.aggregate_type == "Transaction" {
+            if let Some(doc) = routes.get(row.aggregate_id.as_str()) {
+                row.owner_user_id.clone_from(&doc.owner_user_id);
+                row.api_key_id.clone_from(&doc.api_key_id);
+                row.wallet_address.clone_from(&doc.wallet_address);
+            }
+        }
+    }
 }
 
 /// The columns a view row is written with (all but the generated ones), in the order
@@ -266,6 +292,8 @@ pub(crate) fn notification(position: i64, node: &str) -> String {
 
 pub struct Projector {
     db: Db,
+    /// The writer's group commits so far: fast path, general path.
+    batches: [std::sync::atomic::AtomicU64; 2],
     /// This process's id in checkpoint notifications.
     node: String,
     /// One catch-up at a time per process; other processes are held off by the row lock.
@@ -277,6 +305,7 @@ impl Projector {
     pub fn new(db: Db) -> Self {
         Self {
             db,
+            batches: Default::default(),
             node: uuid::Uuid::new_v4().simple().to_string(),
             running: Mutex::new(()),
             applied: watch::Sender::new(0),
@@ -286,6 +315,17 @@ impl Projector {
     /// The pool catch-ups and rebuilds use.
     pub(crate) fn db(&self) -> &Db {
         &self.db
+    }
+
+    /// Count one of the writer's group commits (`fast`: one statement).
+    pub(crate) fn count_batch(&self, fast: bool) {
+        self.batches[usize::from(!fast)].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The writer's group commits so far: `(fast, general)`.
+    pub fn batches(&self) -> (u64, u64) {
+        let count = |i: usize| self.batches[i].load(std::sync::atomic::Ordering::Relaxed);
+        (count(0), count(1))
     }
 
     /// This process's id in the checkpoint notifications it sends.
@@ -344,12 +384,11 @@ impl Projector {
         // Lock and find what to replay: the same on both backends.
         macro_rules! begin {
             ($tx:expr) => {{
-                sqlx::query(
-                    "UPDATE projection_checkpoints SET position = position WHERE name = $1",
-                )
-                .bind(CHECKPOINT)
-                .execute(&mut *$tx)
-                .await?;
+                sqlx::query("UPDATE projection_checkpoints SET version = $2 WHERE name = $1")
+                    .bind(CHECKPOINT)
+                    .bind(new_version())
+                    .execute(&mut *$tx)
+                    .await?;
                 let checkpoint: i64 = sqlx::query_scalar(
                     "SELECT position FROM projection_checkpoints WHERE name = $1",
                 )
@@ -456,17 +495,23 @@ impl Projector {
         );
         with_pool!(&self.db, |pool| {
             let mut tx = pool.begin().await?;
-            // Taking the write lock first: a row lock on Postgres, the database write lock on
-            // SQLite (so the transaction never has to upgrade from a stale read snapshot).
-            sqlx::query("UPDATE projection_checkpoints SET position = position WHERE name = $1")
+            // Taking the write lock first: a row lock on Postgres (without a new row version,
+            // so a catch-up that finds nothing leaves the writer's fast path alone), the
+            // database write lock on SQLite (so the transaction never has to upgrade from a
+            // stale read snapshot).
+            let lock = match backend {
+                Backend::Postgres => {
+                    "SELECT position FROM projection_checkpoints WHERE name = $1 FOR UPDATE"
+                }
+                Backend::Sqlite => {
+                    "UPDATE projection_checkpoints SET position = position WHERE name = $1 \
+                     RETURNING position"
+                }
+            };
+            let checkpoint: i64 = sqlx::query_scalar(lock)
                 .bind(CHECKPOINT)
-                .execute(&mut *tx)
+                .fetch_one(&mut *tx)
                 .await?;
-            let checkpoint: i64 =
-                sqlx::query_scalar("SELECT position FROM projection_checkpoints WHERE name = $1")
-                    .bind(CHECKPOINT)
-                    .fetch_one(&mut *tx)
-                    .await?;
             let rows: Vec<EventRow> = sqlx::query_as(&select_events)
                 .bind(checkpoint)
                 .bind(BATCH)
@@ -479,11 +524,14 @@ impl Projector {
             let count = rows.len() as i64;
             let events: Vec<StoredEvent> = rows.into_iter().map(StoredEvent::from).collect();
             fold_into_views!(&mut *tx, events);
-            sqlx::query("UPDATE projection_checkpoints SET position = $1 WHERE name = $2")
-                .bind(last)
-                .bind(CHECKPOINT)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "UPDATE projection_checkpoints SET position = $1, version = $3 WHERE name = $2",
+            )
+            .bind(last)
+            .bind(CHECKPOINT)
+            .bind(new_version())
+            .execute(&mut *tx)
+            .await?;
             if backend == Backend::Postgres {
                 // Delivered at commit: wakes the push hub of every node.
                 sqlx::query("SELECT pg_notify($1, $2)")
@@ -501,7 +549,57 @@ impl Projector {
 /// The events of one command, to be appended atomically (see [`crate::writer`]).
 pub(crate) struct Append {
     pub(crate) aggregate_type: &'static str,
-    pub(crate) events: Vec<cqrs_es::persist::SerializedEvent>,
+    pub(crate) events: Vec<NewEvent>,
+    /// Documents the command was decided on, which must not have changed since.
+    pub(crate) unchanged: Vec<crate::writer::Unchanged>,
+}
+
+/// A command's new event as the writer stores it, its payload and metadata already JSON text
+/// (encoded by the command's own task, not the writer's).
+pub(crate) struct NewEvent {
+    pub(crate) aggregate_id: String,
+    pub(crate) sequence: i64,
+    pub(crate) event_type: String,
+    pub(crate) event_version: String,
+    pub(crate) payload: String,
+    pub(crate) metadata: String,
+}
+
+impl From<&cqrs_es::persist::SerializedEvent> for NewEvent {
+    fn from(e: &cqrs_es::persist::SerializedEvent) -> Self {
+        Self {
+            aggregate_id: e.aggregate_id.clone(),
+            sequence: e.sequence as i64,
+            event_type: e.event_type.clone(),
+            event_version: e.event_version.clone(),
+            payload: e.payload.to_string(),
+            metadata: e.metadata.to_string(),
+        }
+    }
+}
+
+impl NewEvent {
+    /// The event as stored at `position`, decoded back into values (for the general path).
+    fn stored(
+        &self,
+        aggregate_type: &str,
+        position: i64,
+        recorded_at: String,
+    ) -> Result<StoredEvent, ProjectorError> {
+        let decode =
+            |text: &str| serde_json::from_str(text).map_err(|e| StoreError::Corrupt(e.to_string()));
+        Ok(StoredEvent {
+            position,
+            aggregate_type: aggregate_type.to_owned(),
+            aggregate_id: self.aggregate_id.clone(),
+            sequence: self.sequence,
+            event_type: self.event_type.clone(),
+            event_version: self.event_version.clone(),
+            payload: decode(&self.payload)?,
+            metadata: decode(&self.metadata)?,
+            recorded_at,
+        })
+    }
 }
 
 impl Projector {
@@ -551,35 +649,88 @@ impl Projector {
             }
             Backend::Sqlite => " RETURNING position, recorded_at",
         };
+        // The write lock first: the checkpoint row on PostgreSQL, without making a new version
+        // of it (which would stop the writer's fast path if nothing is written after all); the
+        // database write lock on SQLite.
+        let lock = match backend {
+            Backend::Postgres => {
+                "SELECT position, version FROM projection_checkpoints WHERE name = $1 FOR UPDATE"
+            }
+            Backend::Sqlite => {
+                "UPDATE projection_checkpoints SET position = position WHERE name = $1 \
+                 RETURNING position, version"
+            }
+        };
         let json_cast = json_cast(backend);
-        let rows: Vec<(&'static str, &cqrs_es::persist::SerializedEvent)> = batch
-            .iter()
-            .flat_map(|a| a.events.iter().map(move |e| (a.aggregate_type, e)))
-            .collect();
+        let checked = crate::writer::checked_documents(batch);
         with_pool!(&db, |pool| {
             let mut tx = pool.begin().await?;
-            // The write lock first (row lock on Postgres, database lock on SQLite).
-            let checkpoint: i64 = sqlx::query_scalar(
-                "UPDATE projection_checkpoints SET position = position WHERE name = $1 \
-                 RETURNING position",
-            )
-            .bind(CHECKPOINT)
-            .fetch_one(&mut *tx)
-            .await?;
+            let (checkpoint, version_before): (i64, i64) = sqlx::query_as(lock)
+                .bind(CHECKPOINT)
+                .fetch_one(&mut *tx)
+                .await?;
             // Events committed by writers that do not project (none in normal operation). On
             // SQLite, read them first: one writer, so the next positions are ours to assign.
-            // On Postgres the trigger assigns them; if ours do not follow the checkpoint
-            // directly, the gap is read after the insert (below).
-            let mut gap: Vec<EventRow> = match backend {
-                Backend::Sqlite => {
-                    sqlx::query_as(&select_gap)
-                        .bind(checkpoint)
-                        .bind(i64::MAX)
-                        .fetch_all(&mut *tx)
-                        .await?
-                }
-                Backend::Postgres => Vec::new(),
+            // On Postgres too when commands are to be checked against them: the position lock
+            // of the insert trigger, taken first, waits for any such event in flight. Else the
+            // trigger assigns positions; if ours do not follow the checkpoint directly, the gap
+            // is read after the insert (below).
+            let gap_first = backend == Backend::Sqlite || !checked.is_empty();
+            if backend == Backend::Postgres && gap_first {
+                sqlx::query("SELECT pg_advisory_xact_lock(7236481193)")
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let mut gap: Vec<EventRow> = if gap_first {
+                sqlx::query_as(&select_gap)
+                    .bind(checkpoint)
+                    .bind(i64::MAX)
+                    .fetch_all(&mut *tx)
+                    .await?
+            } else {
+                Vec::new()
             };
+            // Where each document commands were checked against is now: the views (current up
+            // to the checkpoint), then the events above it.
+            let mut found_at: HashMap<DocKey, i64> = HashMap::new();
+            for chunk in checked.chunks(500) {
+                let mut q =
+                    sqlx::QueryBuilder::new("SELECT kind, id, position FROM views WHERE id IN (");
+                let mut list = q.separated(", ");
+                for (_, id) in chunk {
+                    list.push_bind(id.as_str());
+                }
+                list.push_unseparated(")");
+                let found: Vec<(String, String, i64)> =
+                    q.build_query_as().fetch_all(&mut *tx).await?;
+                for (kind, id, position) in found {
+                    if let Some(kind) = ViewKind::ALL.into_iter().find(|k| k.as_str() == kind) {
+                        found_at.insert((kind, id), position);
+                    }
+                }
+            }
+            for row in &gap {
+                if let Some(kind) = ViewKind::for_aggregate(&row.aggregate_type) {
+                    if let Some(p) = found_at.get_mut(&(kind, row.aggregate_id.clone())) {
+                        *p = row.position;
+                    }
+                }
+            }
+            let checked: Vec<(DocKey, Option<i64>)> = checked
+                .into_iter()
+                .map(|key| {
+                    let position = found_at.get(&key).copied();
+                    (key, position)
+                })
+                .collect();
+            let admitted = crate::writer::admit(batch, |key| found_at.get(key).copied());
+            let refused: Vec<usize> = (0..batch.len()).filter(|&i| !admitted[i]).collect();
+            let rows: Vec<(&'static str, &NewEvent)> = batch
+                .iter()
+                .zip(&admitted)
+                .filter(|(_, admitted)| **admitted)
+                .flat_map(|(a, _)| a.events.iter().map(move |e| (a.aggregate_type, e)))
+                .collect();
             let next = match backend {
                 Backend::Sqlite => Some(gap.last().map_or(checkpoint, |r| r.position) + 1),
                 Backend::Postgres => None,
@@ -593,12 +744,12 @@ impl Projector {
                 q.push_values(chunk.iter().enumerate(), |mut b, (i, (ty, e))| {
                     b.push_bind(*ty)
                         .push_bind(e.aggregate_id.as_str())
-                        .push_bind(e.sequence as i64)
+                        .push_bind(e.sequence)
                         .push_bind(e.event_type.as_str())
                         .push_bind(e.event_version.as_str())
-                        .push_bind(e.payload.to_string())
+                        .push_bind(e.payload.as_str())
                         .push_unseparated(json_cast)
-                        .push_bind(e.metadata.to_string())
+                        .push_bind(e.metadata.as_str())
                         .push_unseparated(json_cast)
                         .push_bind(next.map(|n| n + (chunk_index * APPEND_CHUNK + i) as i64));
                 });
@@ -610,7 +761,7 @@ impl Projector {
             // RETURNING follows VALUES order on both backends, and positions are increasing
             // within the statement; sorting above makes the pairing independent of that.
             if let Some(&(first, _)) = assigned.first() {
-                if backend == Backend::Postgres && first != checkpoint + 1 {
+                if !gap_first && first != checkpoint + 1 {
                     // Numbers drawn before ours by others were committed or rolled back
                     // before the trigger's lock let us draw: this read sees all of them.
                     gap = sqlx::query_as(&select_gap)
@@ -622,17 +773,7 @@ impl Projector {
             }
             let mut events: Vec<StoredEvent> = gap.into_iter().map(StoredEvent::from).collect();
             for ((ty, e), (position, recorded_at)) in rows.iter().zip(assigned) {
-                events.push(StoredEvent {
-                    position,
-                    aggregate_type: (*ty).to_owned(),
-                    aggregate_id: e.aggregate_id.clone(),
-                    sequence: e.sequence as i64,
-                    event_type: e.event_type.clone(),
-                    event_version: e.event_version.clone(),
-                    payload: e.payload.clone(),
-                    metadata: e.metadata.clone(),
-                    recorded_at,
-                });
+                events.push(e.stored(ty, position, recorded_at)?);
             }
             let Some(last) = events.last().map(|e| e.position) else {
                 tx.rollback().await?;
@@ -640,37 +781,29 @@ impl Projector {
                     after: checkpoint,
                     upto: checkpoint,
                     events: Vec::new(),
+                    refused,
+                    version_before,
+                    version: version_before,
+                    checked,
+                    written: Vec::new(),
                 });
             };
             let mut pushed: Vec<PushRow> = events.iter().map(PushRow::unrouted).collect();
-            let advance_to =
-                (backend == Backend::Postgres).then(|| (last, notification(last, &self.node)));
+            let version = new_version();
+            let advance_to = (backend == Backend::Postgres)
+                .then(|| (last, version, notification(last, &self.node)));
             let (written, advanced) = fold_into_views!(&mut *tx, events, advance_to);
-            // Route by the transaction's view as of this commit, as the hub's query would.
-            let routes: HashMap<&str, &ViewDoc<String>> = written
-                .iter()
-                .filter(|(doc, _, _)| doc.kind == ViewKind::Transaction)
-                .map(|(doc, _, _)| (doc.id.as_str(), doc))
-                .collect();
-            for row in &mut pushed {
-                if row.aggregate_type == "Transaction" {
-                    if let Some(doc) = routes.get(row.aggregate_id.as_str()) {
-                        row.owner_user_id.clone_from(&doc.owner_user_id);
-                        row.api_key_id.clone_from(&doc.api_key_id);
-                        row.wallet_address.clone_from(&doc.wallet_address);
-                    }
-                }
-            }
+            route(&mut pushed, &written);
             // Unless done with the documents above: the checkpoint and (Postgres) the wake-up
             // of other nodes' hubs, delivered at commit, in one statement.
             let advance = match backend {
                 Backend::Postgres => {
-                    "WITH advanced AS (UPDATE projection_checkpoints SET position = $1 \
-                     WHERE name = $2) SELECT pg_notify($3, $4)"
+                    "WITH advanced AS (UPDATE projection_checkpoints SET position = $1, \
+                     version = $5 WHERE name = $2) SELECT pg_notify($3, $4)"
                 }
                 Backend::Sqlite => {
-                    "UPDATE projection_checkpoints SET position = $1 WHERE name = $2 \
-                     AND $3 IS NOT NULL AND $4 IS NOT NULL"
+                    "UPDATE projection_checkpoints SET position = $1, version = $5 \
+                     WHERE name = $2 AND $3 IS NOT NULL AND $4 IS NOT NULL"
                 }
             };
             if !advanced {
@@ -679,31 +812,330 @@ impl Projector {
                     .bind(CHECKPOINT)
                     .bind(crate::push::VIEWS_CHANNEL)
                     .bind(notification(last, &self.node))
+                    .bind(version)
                     .execute(&mut *tx)
                     .await?;
             }
             tx.commit().await?;
-            let committed_at = OffsetDateTime::now_utc()
-                .format(&Rfc3339)
-                .unwrap_or_default();
-            for row in &mut pushed {
-                row.committed_at = Some(committed_at.clone());
-            }
+            stamp_committed(&mut pushed);
             Ok(Appended {
                 after: checkpoint,
                 upto: last,
                 events: pushed,
+                refused,
+                version_before,
+                version,
+                checked,
+                written: written_positions(&written),
             })
         })
     }
+
+    /// The writer's fast path (PostgreSQL): send `draft` as one statement
+    /// (`countersign_append`, migration 0010) that writes its events and documents, leaves the
+    /// checkpoint at `version` and wakes the other nodes — if the checkpoint is still as
+    /// `known` says: one round trip and one commit.
+    ///
+    /// [`Fast::Moved`] if the checkpoint is not as `known` says, and an error with code
+    /// `CS001` if positions moved under it: then nothing was written.
+    pub(crate) async fn send_draft(
+        &self,
+        pool: &sqlx::PgPool,
+        known: Known,
+        version: i64,
+        draft: Draft,
+    ) -> Result<Fast, sqlx::Error> {
+        let Draft {
+            after,
+            events,
+            docs,
+            mut pushed,
+            refused,
+            written,
+            ..
+        } = draft;
+        debug_assert_eq!(after, known.checkpoint);
+        let upto = known.checkpoint + events.sequences.len() as i64;
+        if upto > known.checkpoint {
+            let (outcome, recorded): (String, Option<Vec<String>>) = sqlx::query_as(
+                "SELECT outcome, recorded FROM countersign_append(\
+                 $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, \
+                 $19, $20, $21)",
+            )
+            .bind(known.checkpoint)
+            .bind(known.version)
+            .bind(version)
+            .bind(&events.aggregate_types)
+            .bind(&events.aggregate_ids)
+            .bind(&events.sequences)
+            .bind(&events.event_types)
+            .bind(&events.event_versions)
+            .bind(&events.payloads)
+            .bind(&events.metadata)
+            .bind(&docs.kinds)
+            .bind(&docs.ids)
+            .bind(&docs.owners)
+            .bind(&docs.wallets)
+            .bind(&docs.api_keys)
+            .bind(&docs.statuses)
+            .bind(&docs.created)
+            .bind(&docs.positions)
+            .bind(&docs.documents)
+            .bind(crate::push::VIEWS_CHANNEL)
+            .bind(notification(upto, &self.node))
+            .fetch_one(pool)
+            .await?;
+            if outcome != "ok" {
+                return Ok(Fast::Moved);
+            }
+            for (row, recorded_at) in pushed.iter_mut().zip(recorded.unwrap_or_default()) {
+                row.recorded_at = recorded_at;
+            }
+            stamp_committed(&mut pushed);
+        }
+        let version = if upto > known.checkpoint {
+            version
+        } else {
+            known.version
+        };
+        Ok(Fast::Committed(Appended {
+            after: known.checkpoint,
+            upto,
+            events: pushed,
+            refused,
+            version_before: known.version,
+            version,
+            checked: Vec::new(),
+            written,
+        }))
+    }
+}
+
+/// A fast-path batch being put together (see [`crate::writer`]): commands that only create
+/// documents, each folded as it arrives with the positions its events get if the batch commits
+/// right after position `after`. Owns everything the statement sends.
+pub(crate) struct Draft {
+    after: i64,
+    events: EventColumns,
+    docs: DocColumns,
+    pushed: Vec<PushRow>,
+    /// Commands of the batch not to be written (by their index in it).
+    refused: Vec<usize>,
+    /// Commands in it so far, written or refused.
+    commands: usize,
+    written: Vec<(DocKey, i64)>,
+    upcasters: Vec<Box<dyn cqrs_es::persist::EventUpcaster>>,
+}
+
+impl Draft {
+    pub(crate) fn new(after: i64) -> Self {
+        Self {
+            after,
+            events: EventColumns::default(),
+            docs: DocColumns::default(),
+            pushed: Vec::new(),
+            refused: Vec::new(),
+            commands: 0,
+            written: Vec::new(),
+            upcasters: crate::upcast::upcasters(),
+        }
+    }
+
+    /// The position the checkpoint moves to if the batch commits.
+    pub(crate) fn upto(&self) -> i64 {
+        self.after + self.events.sequences.len() as i64
+    }
+
+    /// Take in the next command: fold it if `admitted`, else count it as refused. The command
+    /// must only create documents (`writer::creates_only`).
+    pub(crate) fn add(&mut self, append: &Append, admitted: bool) -> Result<(), ProjectorError> {
+        let index = self.commands;
+        self.commands += 1;
+        if !admitted {
+            self.refused.push(index);
+            return Ok(());
+        }
+        let kind = ViewKind::for_aggregate(append.aggregate_type);
+        let mut docs: Vec<(String, Option<projections::ViewState>, i64, i64)> = Vec::new();
+        let first = self.upto() + 1;
+        for (i, e) in append.events.iter().enumerate() {
+            let position = first + i as i64;
+            if let Some(kind) = kind {
+                let slot = match docs.iter().position(|(id, ..)| *id == e.aggregate_id) {
+                    Some(slot) => slot,
+                    None => {
+                        docs.push((e.aggregate_id.clone(), None, position, position));
+                        docs.len() - 1
+                    }
+                };
+                let (_, state, _, last) = &mut docs[slot];
+                let current = state.take();
+                // Decoded straight from the text, unless an older shape is upcast first (as
+                // everywhere else; this server writes the current shapes).
+                *state = Some(
+                    if self
+                        .upcasters
+                        .iter()
+                        .any(|u| u.can_upcast(&e.event_type, &e.event_version))
+                    {
+                        let stored = e.stored(append.aggregate_type, position, String::new())?;
+                        let stored = crate::upcast::upcast(stored, &self.upcasters);
+                        projections::fold(kind, current, &stored)?
+                    } else {
+                        let head = projections::EventHead {
+                            position,
+                            event_type: &e.event_type,
+                        };
+                        projections::fold_text(kind, current, head, &e.payload)?
+                    },
+                );
+                *last = position;
+            }
+        }
+        let mut written = Vec::with_capacity(docs.len());
+        for (id, state, created, position) in docs {
+            if let (Some(kind), Some(state)) = (kind, state) {
+                let doc = state
+                    .to_doc_text(id)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                debug_assert_eq!(doc.kind, kind);
+                written.push((doc, created, position));
+            }
+        }
+        let mut pushed: Vec<PushRow> = append
+            .events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                self.events.push(append.aggregate_type, e);
+                PushRow {
+                    position: first + i as i64,
+                    aggregate_type: append.aggregate_type.to_owned(),
+                    aggregate_id: e.aggregate_id.clone(),
+                    event_type: e.event_type.clone(),
+                    payload: e.payload.clone(),
+                    recorded_at: String::new(),
+                    committed_at: None,
+                    owner_user_id: None,
+                    api_key_id: None,
+                    wallet_address: None,
+                }
+            })
+            .collect();
+        route(&mut pushed, &written);
+        self.pushed.extend(pushed);
+        self.written.extend(written_positions(&written));
+        self.docs.extend(written);
+        Ok(())
+    }
+}
+
+/// Stamp events with the moment their commit was acknowledged (see [`PushRow::committed_at`]).
+fn stamp_committed(pushed: &mut [PushRow]) {
+    let committed_at = OffsetDateTime::now_utc()
+        .format(&Rfc3339)
+        .unwrap_or_default();
+    for row in pushed {
+        row.committed_at = Some(committed_at.clone());
+    }
+}
+
+fn written_positions(written: &[WrittenDoc]) -> Vec<(DocKey, i64)> {
+    written
+        .iter()
+        .map(|(doc, _, position)| ((doc.kind, doc.id.clone()), *position))
+        .collect()
+}
+
+/// The event columns of a [`Draft`], one array each.
+#[derive(Default)]
+struct EventColumns {
+    aggregate_types: Vec<String>,
+    aggregate_ids: Vec<String>,
+    sequences: Vec<i64>,
+    event_types: Vec<String>,
+    event_versions: Vec<String>,
+    payloads: Vec<String>,
+    metadata: Vec<String>,
+}
+
+impl EventColumns {
+    fn push(&mut self, aggregate_type: &str, event: &NewEvent) {
+        self.aggregate_types.push(aggregate_type.to_owned());
+        self.aggregate_ids.push(event.aggregate_id.clone());
+        self.sequences.push(event.sequence);
+        self.event_types.push(event.event_type.clone());
+        self.event_versions.push(event.event_version.clone());
+        self.payloads.push(event.payload.clone());
+        self.metadata.push(event.metadata.clone());
+    }
+}
+
+/// The view columns of a [`Draft`], one array each, as [`VIEW_COLUMNS`].
+#[derive(Default)]
+struct DocColumns {
+    kinds: Vec<&'static str>,
+    ids: Vec<String>,
+    owners: Vec<Option<String>>,
+    wallets: Vec<Option<String>>,
+    api_keys: Vec<Option<String>>,
+    statuses: Vec<Option<String>>,
+    created: Vec<i64>,
+    positions: Vec<i64>,
+    documents: Vec<String>,
+}
+
+impl DocColumns {
+    fn extend(&mut self, written: Vec<WrittenDoc>) {
+        for (doc, created, position) in written {
+            self.kinds.push(doc.kind.as_str());
+            self.ids.push(doc.id);
+            self.owners.push(doc.owner_user_id);
+            self.wallets.push(doc.wallet_address);
+            self.api_keys.push(doc.api_key_id);
+            self.statuses.push(doc.status);
+            self.created.push(created);
+            self.positions.push(position);
+            self.documents.push(doc.payload);
+        }
+    }
+}
+
+/// The checkpoint row as the writer's commits leave it: its position and its version, a
+/// random value every transaction that writes views sets anew (migration 0010).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Known {
+    pub(crate) checkpoint: i64,
+    pub(crate) version: i64,
+}
+
+/// A fresh checkpoint version (see [`Known`]).
+pub(crate) fn new_version() -> i64 {
+    rand::random()
+}
+
+/// How a fast-path append went (see [`Projector::send_draft`]).
+pub(crate) enum Fast {
+    Committed(Appended),
+    Moved,
 }
 
 /// What one append committed: the events in `(after, upto]` — every event in that range, with
-/// push routing — for the local hub.
+/// push routing — for the local hub, and what the writer keeps of it.
 pub(crate) struct Appended {
     pub(crate) after: i64,
     pub(crate) upto: i64,
     pub(crate) events: Vec<PushRow>,
+    /// Commands of the batch not written: a document they were checked against had changed.
+    pub(crate) refused: Vec<usize>,
+    /// The checkpoint row's version before and after.
+    pub(crate) version_before: i64,
+    pub(crate) version: i64,
+    /// Documents commands were checked against and their positions under the lock (`None`:
+    /// no such document), before this append's own events.
+    pub(crate) checked: Vec<(DocKey, Option<i64>)>,
+    /// Every document this append wrote, with its new position.
+    pub(crate) written: Vec<(DocKey, i64)>,
 }
 
 /// Read queries over views and the event log.
@@ -721,6 +1153,41 @@ impl Db {
         .fetch_optional(pool)
         .await?);
         payload.map(decode_view).transpose()
+    }
+
+    /// [`view`](Self::view) with the position of the last event folded into it: the
+    /// document is current as of there (see `writer::Unchanged`).
+    pub async fn view_at<T: DeserializeOwned>(
+        &self,
+        kind: ViewKind,
+        id: &str,
+    ) -> Result<Option<(T, i64)>, StoreError> {
+        let row: Option<(String, i64)> = with_pool!(self, |pool| sqlx::query_as(
+            "SELECT payload, position FROM views WHERE kind = $1 AND id = $2"
+        )
+        .bind(kind.as_str())
+        .bind(id)
+        .fetch_optional(pool)
+        .await?);
+        row.map(|(payload, position)| Ok((decode_view(payload)?, position)))
+            .transpose()
+    }
+
+    /// [`api_key_view_by_hash`](Self::api_key_view_by_hash) with the view's position, as
+    /// [`view_at`](Self::view_at).
+    pub async fn api_key_view_by_hash_at<T: DeserializeOwned>(
+        &self,
+        key_hash: &str,
+    ) -> Result<Option<(T, i64)>, StoreError> {
+        let row: Option<(String, i64)> = with_pool!(self, |pool| sqlx::query_as(
+            "SELECT v.payload, v.position FROM api_key_credentials c \
+             JOIN views v ON v.kind = 'api_key' AND v.id = c.api_key_id WHERE c.key_hash = $1"
+        )
+        .bind(key_hash)
+        .fetch_optional(pool)
+        .await?);
+        row.map(|(payload, position)| Ok((decode_view(payload)?, position)))
+            .transpose()
     }
 
     /// The view of the API key whose credential hash is `key_hash`.

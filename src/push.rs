@@ -56,7 +56,8 @@ pub struct PushRow {
     pub aggregate_type: String,
     pub aggregate_id: String,
     pub event_type: String,
-    pub payload: Value,
+    /// The event's payload as JSON text (decoded only for a socket that receives it).
+    pub payload: String,
     pub recorded_at: String,
     /// When this node's writer saw the commit acknowledged (RFC 3339, UTC). Only on events
     /// committed here and handed straight to the hub; `None` for events read back from the log
@@ -95,7 +96,7 @@ impl PushRow {
             aggregate_type: event.aggregate_type.clone(),
             aggregate_id: event.aggregate_id.clone(),
             event_type: event.event_type.clone(),
-            payload: event.payload.clone(),
+            payload: event.payload.to_string(),
             recorded_at: event.recorded_at.clone(),
             committed_at: None,
             owner_user_id: None,
@@ -104,13 +105,18 @@ impl PushRow {
         }
     }
 
+    /// The event's data: its payload without the event-type envelope.
+    fn data(&self) -> Value {
+        let mut payload: Value = serde_json::from_str(&self.payload).unwrap_or(Value::Null);
+        payload
+            .get_mut(&self.event_type)
+            .map(Value::take)
+            .unwrap_or(Value::Null)
+    }
+
     /// The wire message for a transaction event.
     pub fn message(&self) -> Option<String> {
-        let data = self
-            .payload
-            .get(&self.event_type)
-            .cloned()
-            .unwrap_or(Value::Null);
+        let data = self.data();
         if self.aggregate_type != "Transaction" {
             // Users, wallets, keys, logins: only auditors' sockets route these (see
             // `visible_to`: they have no transaction view, so no owner or key).
@@ -153,15 +159,34 @@ impl PushRow {
     }
 }
 
-fn select_push(backend: Backend, filter: &str) -> String {
-    let recorded_at = match backend {
-        Backend::Postgres => {
-            "to_char(e.recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+impl From<projections::StoredEvent> for PushRow {
+    /// A row for `event`, its routing columns still to be filled in.
+    fn from(event: projections::StoredEvent) -> Self {
+        Self {
+            position: event.position,
+            aggregate_type: event.aggregate_type,
+            aggregate_id: event.aggregate_id,
+            event_type: event.event_type,
+            payload: event.payload.to_string(),
+            recorded_at: event.recorded_at,
+            committed_at: None,
+            owner_user_id: None,
+            api_key_id: None,
+            wallet_address: None,
         }
-        Backend::Sqlite => "e.recorded_at",
+    }
+}
+
+fn select_push(backend: Backend, filter: &str) -> String {
+    let (payload, recorded_at) = match backend {
+        Backend::Postgres => (
+            "e.payload::text",
+            "to_char(e.recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+        ),
+        Backend::Sqlite => ("e.payload", "e.recorded_at"),
     };
     format!(
-        "SELECT e.position, e.aggregate_type, e.aggregate_id, e.event_type, e.payload, \
+        "SELECT e.position, e.aggregate_type, e.aggregate_id, e.event_type, {payload} AS payload, \
          {recorded_at} AS recorded_at, v.owner_user_id, v.api_key_id, v.wallet_address \
          FROM events e LEFT JOIN views v \
            ON e.aggregate_type = 'Transaction' AND v.kind = 'transaction' AND v.id = e.aggregate_id \
@@ -396,7 +421,7 @@ impl Hub {
     /// socket opened with the token issued by that very request, before this event is routed,
     /// is closed too; the client reconnects with it.)
     fn end_sessions(state: &mut HubState, row: &PushRow) {
-        let data = row.payload.get(&row.event_type).unwrap_or(&Value::Null);
+        let data = row.data();
         let user_id = row.aggregate_id.as_str();
         let logged_out = match row.event_type.as_str() {
             "LoggedOut" => match data.get("token_id").and_then(Value::as_str) {
@@ -440,16 +465,18 @@ impl Hub {
             });
             // Auditors still receive the event itself, below.
         }
-        let Some(message) = row.message() else {
-            return;
-        };
-        let message: Arc<str> = message.into();
+        // Encoded once, and only if some socket is to receive it.
+        let mut message: Option<Option<Arc<str>>> = None;
         // A subscriber whose buffer is full is dropped: its socket closes with "too slow,
         // resume", and it reconnects with `after` = the last position it received.
         state.subscribers.retain(|_, s| {
             if !row.visible_to(&s.principal) {
                 return true;
             }
+            let encoded = message.get_or_insert_with(|| row.message().map(Arc::from));
+            let Some(message) = encoded else {
+                return true;
+            };
             s.tx.try_send(Outgoing::Event {
                 position: row.position,
                 message: message.clone(),

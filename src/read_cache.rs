@@ -12,8 +12,13 @@
 //! hands its events to the hub before it answers. On another node a copy is stale for as long
 //! as that node's hub lags, milliseconds with `NOTIFY`. The cache answers only while the hub
 //! has confirmed within [`MAX_LAG`] that it is current, so a node cut off from the database
-//! stops using it. Every other endpoint, and every write, still checks the key in the
-//! database.
+//! stops using it.
+//!
+//! Agents' prepares take their API key and wallet from here too ([`ReadCache::api_key`],
+//! [`ReadCache::wallet`]), but never on trust: a copy held at cursor `c` is the document as of
+//! `c`, and the command commits only if the document is still unchanged after `c` when it does
+//! (`writer::Unchanged`, checked under the commit's lock). Every other endpoint still checks
+//! the key in the database.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use projections::{ApiKeyView, TransactionView};
+use projections::{ApiKeyView, TransactionView, WalletView};
 
 /// How long the hub may go without confirming it has read up to the checkpoint before the
 /// cache stops answering (the hub's fallback tick is 1 s).
@@ -97,6 +102,8 @@ struct Inner {
     key_ids: HashMap<String, String>,
     api_keys: Documents<ApiKeyView>,
     transactions: Documents<CachedTransaction>,
+    /// By checksummed address.
+    wallets: Documents<WalletView>,
 }
 
 /// When a database read began, for [`ReadCache::fill`].
@@ -111,6 +118,9 @@ pub struct ReadCache {
     inner: Mutex<Inner>,
     hits: AtomicU64,
     misses: AtomicU64,
+    /// Commands' lookups of keys and wallets.
+    command_hits: AtomicU64,
+    command_misses: AtomicU64,
 }
 
 impl ReadCache {
@@ -152,17 +162,66 @@ impl ReadCache {
         found
     }
 
-    /// `(hits, misses, documents held)`, for `/metrics`.
+    /// The key with credential hash `key_hash`, for a command, and the position it is known
+    /// current at (the cursor), if held and the cache is current.
+    pub fn api_key(&self, key_hash: &str) -> Option<(Arc<ApiKeyView>, i64)> {
+        self.command_lookup(|inner| inner.api_keys.get(inner.key_ids.get(key_hash)?))
+    }
+
+    /// The wallet at checksummed address `id`, likewise.
+    pub fn wallet(&self, id: &str) -> Option<(Arc<WalletView>, i64)> {
+        self.command_lookup(|inner| inner.wallets.get(id))
+    }
+
+    fn command_lookup<T>(
+        &self,
+        get: impl FnOnce(&Inner) -> Option<Arc<T>>,
+    ) -> Option<(Arc<T>, i64)> {
+        let found = {
+            let inner = self.lock();
+            inner
+                .is_current()
+                .then(|| get(&inner).map(|doc| (doc, inner.cursor)))
+                .flatten()
+        };
+        let counter = if found.is_some() {
+            &self.command_hits
+        } else {
+            &self.command_misses
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        found
+    }
+
+    /// `(hits, misses, documents held)` of status reads, for `/metrics`.
     pub fn stats(&self) -> (u64, u64, usize) {
         let held = {
             let inner = self.lock();
-            inner.api_keys.held.len() + inner.transactions.held.len()
+            inner.api_keys.held.len() + inner.transactions.held.len() + inner.wallets.held.len()
         };
         (
             self.hits.load(Ordering::Relaxed),
             self.misses.load(Ordering::Relaxed),
             held,
         )
+    }
+
+    /// `(hits, misses)` of commands' key and wallet lookups, for `/metrics`.
+    pub fn command_stats(&self) -> (u64, u64) {
+        (
+            self.command_hits.load(Ordering::Relaxed),
+            self.command_misses.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Keep a wallet a database read begun with `ticket` returned, unless it changed since.
+    pub fn fill_wallet(&self, ticket: ReadTicket, wallet: Arc<WalletView>) {
+        let mut inner = self.lock();
+        inner.make_room();
+        if ticket.epoch == inner.epoch {
+            let id = wallet.wallet_address.to_checksum();
+            inner.wallets.fill(&id, wallet, ticket.position);
+        }
     }
 
     /// Keep what a database read begun with `ticket` ([`Self::begin_read`]) returned, unless
@@ -227,6 +286,7 @@ impl Inner {
             match aggregate_type {
                 "ApiKey" => self.api_keys.changed(aggregate_id, position),
                 "Transaction" => self.transactions.changed(aggregate_id, position),
+                "Wallet" => self.wallets.changed(aggregate_id, position),
                 _ => continue,
             }
             self.make_room();
@@ -236,16 +296,24 @@ impl Inner {
     /// Past [`MAX_COPIES`] copies or [`MAX_MARKS`] marks of a kind, forget them. Copies can go
     /// at any time; without the marks, reads begun before cannot be checked and are refused.
     fn make_room(&mut self) {
-        if self.api_keys.held.len() > MAX_COPIES || self.transactions.held.len() > MAX_COPIES {
+        if self.api_keys.held.len() > MAX_COPIES
+            || self.transactions.held.len() > MAX_COPIES
+            || self.wallets.held.len() > MAX_COPIES
+        {
             self.api_keys.held.clear();
             self.transactions.held.clear();
+            self.wallets.held.clear();
         }
         if self.key_ids.len() > MAX_COPIES {
             self.key_ids.clear();
         }
-        if self.api_keys.marks.len() > MAX_MARKS || self.transactions.marks.len() > MAX_MARKS {
+        if self.api_keys.marks.len() > MAX_MARKS
+            || self.transactions.marks.len() > MAX_MARKS
+            || self.wallets.marks.len() > MAX_MARKS
+        {
             self.api_keys.marks.clear();
             self.transactions.marks.clear();
+            self.wallets.marks.clear();
             self.epoch += 1;
         }
     }

@@ -14,6 +14,11 @@ use crate::crypto::PasswordError;
 use crate::projector::ProjectorError;
 use crate::store::{caused_by_unavailable, is_unavailable_message, StoreError};
 use crate::wallet_lock::LockError;
+use crate::writer::DocumentChanged;
+
+/// The code of a command refused because a document it was decided on changed meanwhile
+/// (see `writer::Unchanged`).
+pub const DOCUMENT_CHANGED: &str = "changed_concurrently";
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -185,6 +190,10 @@ impl<E: std::error::Error + Into<ApiError>> From<AggregateError<E>> for ApiError
                 "the resource was modified concurrently; retry the request",
             ),
             AggregateError::DatabaseConnectionError(e) => Self::unavailable(e),
+            AggregateError::UnexpectedError(e) if e.is::<DocumentChanged>() => Self::conflict(
+                DOCUMENT_CHANGED,
+                "the API key or wallet changed while the request ran; retry the request",
+            ),
             AggregateError::UnexpectedError(e) if caused_by_unavailable(&*e) => {
                 Self::unavailable(e)
             }

@@ -18,6 +18,7 @@ use crate::app::AppState;
 use crate::crypto::{ApiKeySecret, MAX_PASSWORD_LEN, MIN_PASSWORD_LEN};
 use crate::read_cache::CachedTransaction;
 use crate::store::Actor;
+use crate::writer::Unchanged;
 
 /// A JSON body. Malformed JSON, wrong types and unknown fields are 400s naming the field;
 /// an oversized body is a 413.
@@ -205,6 +206,79 @@ async fn agent_from_key(state: &AppState, key: &str) -> Result<AuthAgent, ApiErr
     })
     .await
     .map(|(agent, ())| agent)
+}
+
+/// An agent authenticated for a command it asks for (a prepare): the key's view from the
+/// node's read cache when it holds it, else from the database, as [`AuthAgent`] otherwise. The
+/// command names the view as one it was decided on ([`Unchanged`]), so it commits only if the
+/// key is still as read: a revocation committed on any node before the command commits
+/// refuses it (then [`CommandAgent::reread`] decides on the database's copy).
+pub struct CommandAgent {
+    pub agent: AuthAgent,
+    /// The key's view as read.
+    pub read: Unchanged,
+    key_hash: String,
+}
+
+impl FromRequestParts<AppState> for CommandAgent {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let key = api_key_header(parts)
+            .ok_or_else(|| ApiError::unauthorized("missing credentials: send X-API-KEY"))?;
+        let cache = &state.hub.cache;
+        let (agent, (as_of, key_hash)) = authenticate_key(state, key.trim(), |hash| async move {
+            if let Some((key, as_of)) = cache.api_key(&hash) {
+                return Ok(Some((ApiKeyView::clone(&key), (as_of, hash))));
+            }
+            let ticket = cache.begin_read();
+            let Some((key, as_of)) = state
+                .db
+                .api_key_view_by_hash_at::<ApiKeyView>(&hash)
+                .await?
+            else {
+                return Ok(None);
+            };
+            if let Some(ticket) = ticket {
+                cache.fill(ticket, &hash, Arc::new(key.clone()), None);
+            }
+            Ok(Some((key, (as_of, hash))))
+        })
+        .await?;
+        let read = Unchanged {
+            kind: ViewKind::ApiKey,
+            id: agent.key.api_key_id.clone(),
+            as_of,
+        };
+        Ok(Self {
+            agent,
+            read,
+            key_hash,
+        })
+    }
+}
+
+impl CommandAgent {
+    /// The key read again from the database, after a command decided on the copy read before
+    /// was refused because the key changed since: 401 if it is revoked now.
+    pub async fn reread(&self, state: &AppState) -> Result<Self, ApiError> {
+        let found = state
+            .db
+            .api_key_view_by_hash_at::<ApiKeyView>(&self.key_hash)
+            .await?;
+        let Some((key, as_of)) = found.filter(|(key, _)| !key.is_revoked()) else {
+            return Err(ApiError::unauthorized("invalid or revoked API key"));
+        };
+        Ok(Self {
+            read: Unchanged {
+                kind: ViewKind::ApiKey,
+                id: key.api_key_id.clone(),
+                as_of,
+            },
+            agent: AuthAgent { key },
+            key_hash: self.key_hash.clone(),
+        })
+    }
 }
 
 /// The agent presenting `key` and the transaction `id` (which the caller must still check the

@@ -17,20 +17,22 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
+use super::error::DOCUMENT_CHANGED;
 use super::error::{ApiError, ApiResult};
 use super::extract::{
     agent_with_transaction, api_key_header, ApiJson, ApiQuery, AuthAgent, AuthUser, Bounded,
-    Caller, MfaCode, RequestId,
+    Caller, CommandAgent, MfaCode, RequestId,
 };
 use super::idempotency::{Idempotent, Scope};
 use super::users::use_mfa_code;
-use super::wallets::visible_wallet;
+use super::wallets::command_wallet;
 use crate::abi::{encode_call, ContractAbi};
 use crate::app::AppState;
 use crate::execution::{execute_authorized, Executor};
 use crate::explain::{explain, Call, Explained};
 use crate::projector::ViewColumn;
 use crate::store::Actor;
+use crate::writer::Unchanged;
 
 /// The most transactions one `authorize_transactions` call may cover.
 const MAX_BATCH: usize = 50;
@@ -196,6 +198,7 @@ pub(super) fn shape(body: &PrepareRequest) -> ApiResult<Call> {
 }
 
 /// A prompt for the wallet's owner: the call, how it was explained, who asked and why.
+#[derive(Clone)]
 pub(super) struct Prompt {
     pub initiator: Initiator,
     pub call: Call,
@@ -204,14 +207,15 @@ pub(super) struct Prompt {
     pub expires_in: time::Duration,
 }
 
-/// Record `prompt` for a call from `wallet` (`TransactionPrepared`). Returns the new
-/// transaction's id and deadline.
+/// Record `prompt` for a call from `wallet` (`TransactionPrepared`), if the documents it was
+/// decided on are `unchanged` when it commits. Returns the new transaction's id and deadline.
 pub(super) async fn record_prepared(
     state: &AppState,
     wallet: &projections::WalletView,
     prompt: Prompt,
     actor: &Actor,
     request_id: &str,
+    unchanged: Vec<Unchanged>,
 ) -> ApiResult<(String, OffsetDateTime)> {
     let Prompt {
         initiator,
@@ -248,6 +252,7 @@ pub(super) async fn record_prepared(
         actor,
         request_id,
     );
+    let execute = crate::writer::UNCHANGED.scope(unchanged, execute);
     crate::writer::NEW_AGGREGATE.scope(new, execute).await?;
     Ok((transaction_id, expires_at))
 }
@@ -259,23 +264,35 @@ pub(super) fn rfc3339(t: OffsetDateTime) -> ApiResult<String> {
 
 pub async fn prepare(
     State(state): State<AppState>,
-    agent: AuthAgent,
+    agent: CommandAgent,
     RequestId(request_id): RequestId,
     Idempotent { key, body }: Idempotent<PrepareRequest>,
 ) -> Response {
-    let scope = Scope::agent(&agent);
+    let scope = Scope::agent(&agent.agent);
     let work = prepare_once(state.clone(), agent, request_id, body);
     key.run(&state, scope, work).await
 }
 
+/// The key and wallet a prepare is decided on, as read.
+async fn prepare_access(
+    state: &AppState,
+    agent: &CommandAgent,
+    address: &Address,
+    cached: bool,
+) -> ApiResult<(projections::WalletView, Vec<Unchanged>)> {
+    let (wallet, wallet_read) = command_wallet(state, &agent.agent, address, cached).await?;
+    Ok((wallet, vec![agent.read.clone(), wallet_read]))
+}
+
 async fn prepare_once(
     state: AppState,
-    agent: AuthAgent,
+    agent: CommandAgent,
     request_id: String,
     body: PrepareRequest,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
+    let CommandAgent { agent: key, .. } = &agent;
     if let Some(user_id) = &body.user_id {
-        if *user_id != agent.key.owner_user_id {
+        if *user_id != key.key.owner_user_id {
             return Err(ApiError::forbidden(
                 "user_mismatch",
                 "user_id does not match the API key's owner",
@@ -292,27 +309,42 @@ async fn prepare_once(
         ));
     }
     let call = shape(&body)?;
-    let caller = Caller::Agent(agent);
-    let wallet = visible_wallet(&state, &caller, &body.wallet_address).await?;
-    let Caller::Agent(agent) = caller else {
-        unreachable!("constructed as an agent above")
-    };
+    let (wallet, unchanged) = prepare_access(&state, &agent, &body.wallet_address, true).await?;
     let payload = call.payload(wallet.chain_id, wallet.wallet_address);
     let explained = explain(&state.chain, &call, &payload).await;
     let summary = explained.summary.clone();
     let simulation = explained.simulation.clone();
     let prompt = Prompt {
         initiator: Initiator::Agent {
-            api_key_id: agent.key.api_key_id.clone(),
-            api_key_name: agent.key.name.clone(),
+            api_key_id: key.key.api_key_id.clone(),
+            api_key_name: key.key.name.clone(),
         },
         call,
         explained,
         memo: body.memo.map(|m| m.0),
         expires_in: time::Duration::seconds(expires_in as i64),
     };
-    let (transaction_id, expires_at) =
-        record_prepared(&state, &wallet, prompt, &agent.actor(), &request_id).await?;
+    let actor = key.actor();
+    let recorded = record_prepared(
+        &state,
+        &wallet,
+        prompt.clone(),
+        &actor,
+        &request_id,
+        unchanged,
+    )
+    .await;
+    let (transaction_id, expires_at) = match recorded {
+        Err(e) if e.code == DOCUMENT_CHANGED => {
+            // The key or wallet changed after it was read (a copy in this node's cache may
+            // lag another node's commit): decide again on the database's copies.
+            let agent = agent.reread(&state).await?;
+            let (wallet, unchanged) =
+                prepare_access(&state, &agent, &body.wallet_address, false).await?;
+            record_prepared(&state, &wallet, prompt, &actor, &request_id, unchanged).await?
+        }
+        recorded => recorded?,
+    };
     Ok((
         StatusCode::CREATED,
         Json(json!({

@@ -222,7 +222,8 @@ async fn run(
         memo: memo.map(|m| m.0),
         expires_in: time::Duration::seconds(state.default_expiry.as_secs() as i64),
     };
-    let (transaction_id, _) = record_prepared(state, &wallet, prompt, &actor, &request_id).await?;
+    let (transaction_id, _) =
+        record_prepared(state, &wallet, prompt, &actor, &request_id, Vec::new()).await?;
     record_authorization(state, &user, &transaction_id, &request_id).await?;
     let executor = Executor {
         initiator,

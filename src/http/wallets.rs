@@ -1,5 +1,7 @@
 //! Wallets: created on the server (the key never leaves it), listed with live balances.
 
+use std::sync::Arc;
+
 use aggregates::{Address, WalletCommand};
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -10,10 +12,11 @@ use serde_json::{json, Value};
 use time::OffsetDateTime;
 
 use super::error::{ApiError, ApiResult};
-use super::extract::{ApiJson, AuthUser, Caller, Password, RequestId};
+use super::extract::{ApiJson, AuthAgent, AuthUser, Caller, Password, RequestId};
 use super::users::require_password;
 use crate::app::AppState;
 use crate::projector::ViewColumn;
+use crate::writer::Unchanged;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -66,6 +69,40 @@ pub async fn visible_wallet(
         Caller::Agent(a) => a.may_use(&w.wallet_address, &w.owner_user_id),
     });
     visible.ok_or_else(|| ApiError::not_found("wallet").with_field("wallet_address"))
+}
+
+/// The wallet an agent's command is for, if its key may use it, and how it was read (see
+/// [`Unchanged`]): from the node's read cache when `cached` and it holds the wallet, else from
+/// the database.
+pub async fn command_wallet(
+    state: &AppState,
+    agent: &AuthAgent,
+    address: &Address,
+    cached: bool,
+) -> ApiResult<(WalletView, Unchanged)> {
+    let id = address.to_checksum();
+    let cache = &state.hub.cache;
+    let hit = cached.then(|| cache.wallet(&id)).flatten();
+    let found = match hit {
+        Some((wallet, as_of)) => Some((WalletView::clone(&wallet), as_of)),
+        None => {
+            let ticket = cache.begin_read();
+            let found: Option<(WalletView, i64)> = state.db.view_at(ViewKind::Wallet, &id).await?;
+            if let (Some(ticket), Some((wallet, _))) = (ticket, &found) {
+                cache.fill_wallet(ticket, Arc::new(wallet.clone()));
+            }
+            found
+        }
+    };
+    let (wallet, as_of) = found
+        .filter(|(w, _)| agent.may_use(&w.wallet_address, &w.owner_user_id))
+        .ok_or_else(|| ApiError::not_found("wallet").with_field("wallet_address"))?;
+    let read = Unchanged {
+        kind: ViewKind::Wallet,
+        id,
+        as_of,
+    };
+    Ok((wallet, read))
 }
 
 pub async fn list_wallets(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<Value>> {

@@ -52,7 +52,11 @@ async fn execute_and_confirm(app: &TestApp, agent: &Agent, tx: &str) -> Value {
         )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(body["status"], "executed");
+    // Broadcast: executed, or confirmed already if the receipt worker saw the block first.
+    assert!(
+        body["status"] == "executed" || body["status"] == "confirmed",
+        "{body}"
+    );
     let hash = body["tx_hash"].as_str().unwrap().to_owned();
     let view = app.wait_for_status(&agent.auth(), tx, "confirmed").await;
     assert_eq!(view["tx_hash"], hash);

@@ -193,7 +193,11 @@ async fn user_transfers_native_eth_with_exact_balances(backend: Backend) {
         )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
-    assert_eq!(body["status"], "executed");
+    // Broadcast: executed, or confirmed already if the receipt worker saw the block first.
+    assert!(
+        body["status"] == "executed" || body["status"] == "confirmed",
+        "{body}"
+    );
     let tx = body["transaction_id"].as_str().unwrap().to_owned();
     let hash = body["tx_hash"].as_str().unwrap().to_owned();
     assert!(body["summary"]

@@ -23,6 +23,7 @@ mod read_cache;
 mod security;
 mod sessions;
 mod timeouts;
+mod writer;
 
 /// Generate a `_sqlite` and a `_postgres` test from `async fn name(backend: Backend)`.
 /// The Postgres variant is skipped (and says so) without `TEST_DATABASE_URL`.

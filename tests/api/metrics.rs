@@ -341,6 +341,28 @@ async fn metrics_count_a_countersigned_flow_with_bounded_labels(backend: Backend
     );
     assert_eq!(appends, tx_ok, "one append timing per successful command");
 
+    // Group commits by path: on PostgreSQL the prepares (which only create their documents)
+    // take the one-statement path once the writer knows the checkpoint; the rest, and every
+    // commit on SQLite, the general one.
+    let batches =
+        |s: &Scrape, path: &str| s.value("countersign_writer_batches_total", &[("path", path)]);
+    assert!(batches(&after, "general") - batches(&before, "general") >= 4.0);
+    match backend {
+        Backend::Postgres => assert!(batches(&after, "fast") - batches(&before, "fast") >= 1.0),
+        Backend::Sqlite => assert_eq!(batches(&after, "fast"), 0.0),
+    }
+    // The prepares looked their key and wallet up in the read cache (hit or miss, each).
+    let lookups = |s: &Scrape| {
+        s.value(
+            "countersign_read_cache_command_lookups_total",
+            &[("result", "hit")],
+        ) + s.value(
+            "countersign_read_cache_command_lookups_total",
+            &[("result", "miss")],
+        )
+    };
+    assert_eq!(lookups(&after) - lookups(&before), 4.0);
+
     // Chain RPCs: simulated at prepare and execute, broadcast, receipt polled.
     for method in [
         "eth_estimateGas",
