@@ -136,11 +136,13 @@ pub struct Chain {
 
 /// Most gas estimates in one JSON-RPC batch.
 const MAX_ESTIMATES_PER_BATCH: usize = 32;
-/// Batches of gas estimates on their way to the node at once.
-const ESTIMATE_BATCHES_IN_FLIGHT: usize = 2;
+/// Batches of gas estimates on their way to the node at once. One: under load the batches
+/// are larger and the node (and this process) spend less per estimate, which on a busy
+/// machine more than pays for the wait (measured in BENCHMARKS.md).
+const ESTIMATE_BATCHES_IN_FLIGHT: usize = 1;
 
-/// Gas estimates (every simulation) sent as JSON-RPC batches: while batches are in flight,
-/// the estimates asked for meanwhile queue up and go together in the next one. Under load the
+/// Gas estimates (every simulation) sent as JSON-RPC batches: while a batch is in flight, the
+/// estimates asked for meanwhile queue up and go together in the next one. Under load the
 /// node then parses, schedules and answers one HTTP request for many estimates, and this
 /// process sends one; when idle, an estimate goes out at once, alone. Each estimate still gets
 /// its own answer or error (a revert of one does not touch the others).
