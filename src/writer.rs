@@ -117,7 +117,7 @@ impl Writer {
 
 /// A fast batch at the database, and where it leaves the checkpoint if it commits.
 struct AtDatabase<'a> {
-    landing: std::pin::Pin<Box<dyn std::future::Future<Output = Landed> + 'a>>,
+    landing: std::pin::Pin<Box<dyn std::future::Future<Output = Landed> + Send + 'a>>,
     end: Known,
 }
 
@@ -188,7 +188,7 @@ async fn run(
                 }
                 Err(batch) => {
                     let outcome = general(projector, db, hub, &mut state, batch).await;
-                    drain_after_outage(&mut receiver, outcome);
+                    drain_after_outage(&mut receiver, &mut held, outcome);
                 }
             }
             continue;
@@ -211,7 +211,7 @@ async fn run(
                     }
                 }
                 let outcome = land(projector, db, hub, &mut state, landed).await;
-                drain_after_outage(&mut receiver, outcome);
+                drain_after_outage(&mut receiver, &mut held, outcome);
             }
             first = receiver.recv(), if open && held.is_none() && room => {
                 let Some(first) = first else {
@@ -297,15 +297,23 @@ fn collect(first: Request, receiver: &mut mpsc::Receiver<Request>) -> Batch {
 }
 
 /// Commands that queued while a batch could not reach the database (up to the pool's acquire
-/// timeout: sqlx retries refused connections until then) would each wait out another timeout
-/// behind the next batch. They fail now, unwritten, as a 503. (A connection that broke at once
-/// is a blip: the next batch reconnects.)
-fn drain_after_outage(receiver: &mut mpsc::Receiver<Request>, outcome: Result<(), Outage>) {
+/// timeout: sqlx retries refused connections until then) — in the channel, or taken from it
+/// and `held` — would each wait out another timeout behind the next batch. They fail now,
+/// unwritten, as a 503. (A connection that broke at once is a blip: the next batch
+/// reconnects.)
+fn drain_after_outage(
+    receiver: &mut mpsc::Receiver<Request>,
+    held: &mut Option<Batch>,
+    outcome: Result<(), Outage>,
+) {
     if let Err(Outage { why, waited }) = outcome {
         if waited > OUTAGE {
+            let error = || PersistenceError::ConnectionError(why.clone().into());
+            for reply in held.take().into_iter().flat_map(|batch| batch.replies) {
+                let _ = reply.send(Err(error()));
+            }
             while let Ok(request) = receiver.try_recv() {
-                let error = PersistenceError::ConnectionError(why.clone().into());
-                let _ = request.reply.send(Err(error));
+                let _ = request.reply.send(Err(error()));
             }
         }
     }

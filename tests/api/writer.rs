@@ -248,6 +248,74 @@ async fn an_event_written_behind_the_writer_s_back_is_projected_and_the_fast_pat
     store.cleanup().await;
 }
 
+/// PostgreSQL goes away while a fast batch waits for a connection (the pool retries refused
+/// connections for its 10 s): the commands folded into the next batch meanwhile fail with it,
+/// as a 503, instead of waiting out another 10 s each behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_waiting_behind_a_fast_batch_that_cannot_reach_the_database_fail_with_it() {
+    if !backends().contains(&Backend::Postgres) {
+        return;
+    }
+    let store = Store::new(Backend::Postgres).await;
+    Db::connect(&store.url)
+        .await
+        .unwrap()
+        .migrate()
+        .await
+        .unwrap();
+    let proxy = FaultProxy::start(socket_addr(&store.url)).await;
+    let db = Db::connect(&proxy.url_for(&store.url)).await.unwrap();
+    let (projector, writer) = writer_on(&db);
+    writer
+        .append("ApiKey", &[issued("first")], vec![])
+        .await
+        .unwrap();
+
+    // Its connection cut and its port closed, as when PostgreSQL crashed: idle over a second,
+    // the writer's connection is pinged before use and found dead, and new ones are refused
+    // until the pool gives up.
+    proxy.set(Fault::Reset);
+    drop(proxy);
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    let started = std::time::Instant::now();
+    let at_database = tokio::spawn({
+        let writer = writer.clone();
+        async move { writer.append("ApiKey", &[issued("second")], vec![]).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let behind = (0..3).map(|n| {
+        let writer = writer.clone();
+        tokio::spawn(async move {
+            let result = writer
+                .append("ApiKey", &[issued(&format!("behind-{n}"))], vec![])
+                .await;
+            (result, std::time::Instant::now())
+        })
+    });
+    let behind = futures::future::join_all(behind).await;
+    let first = at_database.await.unwrap();
+    assert!(
+        matches!(first, Err(PersistenceError::ConnectionError(_))),
+        "{first:?}"
+    );
+    for answer in behind {
+        let (result, at) = answer.unwrap();
+        assert!(
+            matches!(result, Err(PersistenceError::ConnectionError(_))),
+            "{result:?}"
+        );
+        let took = at - started;
+        assert!(
+            took < std::time::Duration::from_secs(14),
+            "waited out a second timeout: {took:?}"
+        );
+    }
+    // (The writer knew the checkpoint from `first`: `second` went the fast way.)
+    assert_eq!(projector.batches(), (0, 1));
+    db.close().await;
+    store.cleanup().await;
+}
+
 /// The key's revocation committed on one node refuses a prepare on another node that has the
 /// key in its cache, whether or not that node's hub has seen the revocation yet: 401, never 201.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
