@@ -180,7 +180,7 @@ impl FromRequestParts<AppState> for AuthUser {
 
 /// An agent authenticated by `X-API-KEY`. Revocation takes effect on the next request: the
 /// key's view is read on every call (for status polls from the read cache, which the
-/// revocation's commit invalidates; see `read_cache`).
+/// revocation's commit invalidates; see `read_cache`; for prepares see [`CommandAgent`]).
 #[derive(Clone)]
 pub struct AuthAgent {
     pub key: ApiKeyView,
