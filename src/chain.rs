@@ -209,40 +209,59 @@ impl Estimates {
 
 /// Send one batch and hand each estimate its answer. (A batch that does not complete in time
 /// drops its answers: each caller's own timeout reports that.)
+///
+/// A batch the transport could not send (no answer at all, as opposed to the node's error
+/// answers) is sent once more: a pooled keep-alive connection the node or a proxy closed is
+/// only found dead by writing on it, and an estimate is safe to repeat.
 async fn send_estimates(
     client: &alloy::rpc::client::RpcClient,
     estimates: Vec<Estimate>,
     timeout: Duration,
 ) {
-    let mut batch = client.new_batch();
-    let mut waiting = Vec::with_capacity(estimates.len());
-    for Estimate { request, reply } in estimates {
-        let params = (request, alloy::eips::BlockNumberOrTag::Pending);
-        match batch.add_call::<_, primitives::U64>("eth_estimateGas", &params) {
-            Ok(waiter) => waiting.push((waiter, reply)),
-            Err(e) => {
-                let _ = reply.send(Err(e));
-            }
-        }
-    }
+    let (requests, replies): (Vec<_>, Vec<_>) =
+        estimates.into_iter().map(|e| (e.request, e.reply)).unzip();
     let answers = async {
-        // Once the batch is answered, each waiter holds its own answer.
-        let sent = batch.send().await;
-        let mut answers = Vec::with_capacity(waiting.len());
-        for (waiter, reply) in waiting {
-            let answer = match &sent {
-                Ok(()) => waiter.await,
-                Err(e) => Err(TransportErrorKind::custom_str(&e.to_string())),
-            };
-            answers.push((answer, reply));
+        let mut answers = estimate_batch(client, &requests).await;
+        if answers
+            .iter()
+            .any(|a| matches!(a, Err(e) if e.is_transport_error()))
+        {
+            answers = estimate_batch(client, &requests).await;
         }
         answers
     };
     if let Ok(answers) = tokio::time::timeout(timeout, answers).await {
-        for (answer, reply) in answers {
+        for (answer, reply) in answers.into_iter().zip(replies) {
             let _ = reply.send(answer);
         }
     }
+}
+
+/// `eth_estimateGas` of each request at the pending block, in one JSON-RPC batch: each answer,
+/// in order.
+async fn estimate_batch(
+    client: &alloy::rpc::client::RpcClient,
+    requests: &[TransactionRequest],
+) -> Vec<Result<primitives::U64, RpcError<TransportErrorKind>>> {
+    let mut batch = client.new_batch();
+    let waiters: Vec<_> = requests
+        .iter()
+        .map(|request| {
+            let params = (request, alloy::eips::BlockNumberOrTag::Pending);
+            batch.add_call::<_, primitives::U64>("eth_estimateGas", &params)
+        })
+        .collect();
+    // Once the batch is answered, each waiter holds its own answer.
+    let sent = batch.send().await;
+    let mut answers = Vec::with_capacity(waiters.len());
+    for waiter in waiters {
+        answers.push(match (waiter, &sent) {
+            (Err(e), _) => Err(e),
+            (Ok(waiter), Ok(())) => waiter.await,
+            (Ok(_), Err(e)) => Err(TransportErrorKind::custom_str(&e.to_string())),
+        });
+    }
+    answers
 }
 
 /// `(max_fee_per_gas, max_priority_fee_per_gas)`, wei.

@@ -24,6 +24,7 @@ on_both_backends!(
     a_command_decided_on_a_document_that_changed_since_is_refused,
     a_key_revoked_while_its_prepare_waits_on_the_chain_stops_the_prepare,
     concurrent_simulations_share_batches_and_each_gets_its_own_answer,
+    a_simulation_on_a_connection_the_node_closed_is_sent_again,
 );
 
 const ETH: u128 = 1_000_000_000_000_000_000;
@@ -458,5 +459,37 @@ async fn concurrent_simulations_share_batches_and_each_gets_its_own_answer(backe
             assert!(body["gas_estimate"].is_null(), "{body}");
         }
     }
+    app.cleanup().await;
+}
+
+/// The node (here a proxy in front of it) closes the server's idle keep-alive connections, as
+/// a restarted node or a load balancer does: the next simulation, written on a connection
+/// found dead only then, is sent again on a new one instead of reporting the node unreachable.
+async fn a_simulation_on_a_connection_the_node_closed_is_sent_again(backend: Backend) {
+    let mut app = TestApp::spawn(backend).await;
+    let (_owner, wallet, agent) = app.user_with_wallet("reconnect", ETH).await;
+    app.stop().await;
+    let proxy = FaultProxy::start(socket_addr(&app.anvil.url)).await;
+    let mut config = app.config();
+    config.chain_url = proxy.url_for(&app.anvil.url).parse().unwrap();
+    let node = Node::start(config).await;
+    app.address = node.address.clone();
+    for _ in 0..5 {
+        app.prepare(&agent, native_body(&wallet, &random_address(), 1))
+            .await;
+        // Cut every open connection, and take new ones again at once.
+        proxy.set(Fault::Reset);
+        proxy.set(Fault::None);
+        let (status, body) = app
+            .post(
+                "/api/prepare_transaction",
+                &agent.auth(),
+                native_body(&wallet, &random_address(), 1),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        assert_eq!(body["simulation"]["status"], "success", "{body}");
+    }
+    node.stop().await;
     app.cleanup().await;
 }
