@@ -20,6 +20,9 @@ const session = {
   expiryTimer: 0,
   warnTimer: 0,
   pollTimer: 0,
+  // While a request that may end this token and hand back its successor (`confirm_mfa`) is
+  // in flight: settles once the page has the successor, if there is one.
+  renewal: null,
 };
 
 const store = {
@@ -316,7 +319,7 @@ function noteServerClock(response) {
   serverOffsetMs = Math.abs(offset) > 3000 ? offset : 0;
 }
 
-async function api(method, path, body, { auth = true } = {}) {
+async function api(method, path, body, { auth = true, renews = false } = {}) {
   const epoch = session.epoch;
   const token = session.token;
   const headers = { 'Content-Type': 'application/json', Accept: 'application/json' };
@@ -344,6 +347,9 @@ async function api(method, path, body, { auth = true } = {}) {
   } catch {
     payload = null;
   }
+  // The server ends the old token as it answers a renewal, so a 401 may arrive before that
+  // answer: wait for it before deciding whether the session ended.
+  if (response.status === 401 && auth && !renews && session.renewal) await session.renewal;
   if (epoch !== session.epoch) throw new StaleError('session changed');
   noteServerClock(response);
   if (response.ok) {
@@ -463,6 +469,7 @@ function resetSession() {
   session.token = null;
   session.me = null;
   session.ready = false;
+  session.renewal = null;
   clearTimeout(session.expiryTimer);
   clearTimeout(session.warnTimer);
   clearInterval(session.pollTimer);
@@ -658,9 +665,16 @@ function clearMfaSecret() {
 
 async function submitMfaConfirm(form) {
   const code = readCode($('#mfa-confirm-code'));
-  const res = await api('POST', '/api/confirm_mfa', { mfa_code: code });
   // Replacing MFA ends every earlier session; this one goes on with the token it returned.
-  if (res && typeof res.access_token === 'string') renewToken(res.access_token, res.expires_in);
+  const confirmation = api('POST', '/api/confirm_mfa', { mfa_code: code }, { renews: true })
+    .then((res) => {
+      if (res && typeof res.access_token === 'string') renewToken(res.access_token, res.expires_in);
+      return res;
+    });
+  const renewal = confirmation.then(() => {}, () => {});
+  session.renewal = renewal;
+  renewal.then(() => { if (session.renewal === renewal) session.renewal = null; });
+  await confirmation;
   const replaced = Boolean(session.me.mfa_enabled);
   form.reset();
   clearMfaSecret();

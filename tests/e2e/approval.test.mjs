@@ -261,6 +261,14 @@ test('a person approves an agent transaction live in the web page', { timeout: 1
   const replacement = (await replacementBox.textContent()).trim();
   assert.notEqual(replacement, secret);
   await page.getByTestId('mfa-confirm-code').fill(await codeSource(replacement, spentSteps)());
+  // The server ends the old token, and closes the socket opened with it, as it answers. Hold
+  // the answer back, as a slow network may: the page meets that ending before it has the new
+  // token, and must wait for it rather than sign out.
+  await page.route('**/api/confirm_mfa', async (route) => {
+    const answer = await route.fetch();
+    await sleep(1500);
+    await route.fulfill({ response: answer });
+  });
   // The state line reads "On" throughout a replacement, so wait for the confirmation itself.
   const [confirmed] = await Promise.all([
     page.waitForResponse((r) => r.url().endsWith('/api/confirm_mfa')),
