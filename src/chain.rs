@@ -127,6 +127,9 @@ pub struct Receipt {
 #[derive(Clone)]
 pub struct Chain {
     provider: RootProvider,
+    /// The same node through a client that keeps no idle connections: resends go through it,
+    /// so a resend never lands on another pooled connection the node closed.
+    fresh: RootProvider,
     timeout: Duration,
     chain_id: Arc<OnceCell<u64>>,
     metrics: Arc<ChainMetrics>,
@@ -148,6 +151,7 @@ const ESTIMATE_BATCHES_IN_FLIGHT: usize = 1;
 /// its own answer or error (a revert of one does not touch the others).
 struct Estimates {
     client: alloy::rpc::client::RpcClient,
+    fresh: alloy::rpc::client::RpcClient,
     queue: OnceCell<mpsc::UnboundedSender<Estimate>>,
 }
 
@@ -179,7 +183,7 @@ impl Estimates {
     /// The task that batches the queue (on the runtime of the first estimate).
     fn start(&self, timeout: Duration) -> mpsc::UnboundedSender<Estimate> {
         let (sender, mut queue) = mpsc::unbounded_channel::<Estimate>();
-        let client = self.client.clone();
+        let (client, fresh) = (self.client.clone(), self.fresh.clone());
         let in_flight = Arc::new(tokio::sync::Semaphore::new(ESTIMATE_BATCHES_IN_FLIGHT));
         tokio::spawn(async move {
             loop {
@@ -196,9 +200,9 @@ impl Estimates {
                         Err(_) => break,
                     }
                 }
-                let client = client.clone();
+                let (client, fresh) = (client.clone(), fresh.clone());
                 tokio::spawn(async move {
-                    send_estimates(&client, estimates, timeout).await;
+                    send_estimates(&client, &fresh, estimates, timeout).await;
                     drop(permit);
                 });
             }
@@ -211,10 +215,12 @@ impl Estimates {
 /// drops its answers: each caller's own timeout reports that.)
 ///
 /// A batch the transport could not send (no answer at all, as opposed to the node's error
-/// answers) is sent once more: a pooled keep-alive connection the node or a proxy closed is
-/// only found dead by writing on it, and an estimate is safe to repeat.
+/// answers) is sent once more, on a new connection (`fresh`): a pooled keep-alive connection
+/// the node or a proxy closed is only found dead by writing on it, and an estimate is safe to
+/// repeat.
 async fn send_estimates(
     client: &alloy::rpc::client::RpcClient,
+    fresh: &alloy::rpc::client::RpcClient,
     estimates: Vec<Estimate>,
     timeout: Duration,
 ) {
@@ -226,7 +232,7 @@ async fn send_estimates(
             .iter()
             .any(|a| matches!(a, Err(e) if e.is_transport_error()))
         {
-            answers = estimate_batch(client, &requests).await;
+            answers = estimate_batch(fresh, &requests).await;
         }
         answers
     };
@@ -276,21 +282,30 @@ impl Chain {
     /// never answers must not hold requests.
     pub fn new(url: url::Url, timeout: Duration) -> Self {
         let is_local = alloy::transports::utils::guess_local_url(url.as_str());
-        let http = alloy::transports::http::reqwest::Client::builder()
-            .connect_timeout(timeout)
-            .timeout(timeout)
-            .build()
-            .map(|client| alloy::transports::http::Http::with_client(client, url.clone()))
-            .unwrap_or_else(|e| {
-                // Only a broken TLS backend fails here; the outer timeout still bounds calls.
-                tracing::warn!(error = %e, "HTTP client with timeouts unavailable; using default");
-                alloy::transports::http::Http::new(url)
-            });
-        let client = alloy::rpc::client::RpcClient::new(http, is_local);
+        let client = |pooled: bool| {
+            let mut builder = alloy::transports::http::reqwest::Client::builder()
+                .connect_timeout(timeout)
+                .timeout(timeout);
+            if !pooled {
+                builder = builder.pool_max_idle_per_host(0);
+            }
+            let http = builder
+                .build()
+                .map(|client| alloy::transports::http::Http::with_client(client, url.clone()))
+                .unwrap_or_else(|e| {
+                    // Only a broken TLS backend fails here; the outer timeout still bounds calls.
+                    tracing::warn!(error = %e, "HTTP client with timeouts unavailable; using default");
+                    alloy::transports::http::Http::new(url.clone())
+                });
+            alloy::rpc::client::RpcClient::new(http, is_local)
+        };
+        let (pooled, fresh) = (client(true), client(false));
         Self {
-            provider: RootProvider::new(client.clone()),
+            provider: RootProvider::new(pooled.clone()),
+            fresh: RootProvider::new(fresh.clone()),
             estimates: Arc::new(Estimates {
-                client,
+                client: pooled,
+                fresh,
                 queue: OnceCell::new(),
             }),
             timeout,
@@ -305,14 +320,27 @@ impl Chain {
         &self.metrics
     }
 
-    /// One RPC bounded by the timeout, counted in the metrics.
-    async fn timed<T>(
-        &self,
+    /// One RPC bounded by the timeout, counted in the metrics. A call that got no answer at
+    /// all (the transport failed, typically on a pooled keep-alive connection the node or a
+    /// proxy closed, found dead only by writing on it) is sent once more, on a new connection,
+    /// within the same bound. Every call here is safe to repeat: reads, and a broadcast of the
+    /// same signed bytes, which [`Chain::send_raw`] recognises.
+    async fn timed<'a, T, F>(
+        &'a self,
         method: RpcMethod,
-        fut: impl std::future::Future<Output = Result<T, RpcError<TransportErrorKind>>>,
-    ) -> Result<T, ChainError> {
+        call: impl Fn(&'a RootProvider) -> F,
+    ) -> Result<T, ChainError>
+    where
+        F: std::future::Future<Output = Result<T, RpcError<TransportErrorKind>>>,
+    {
         let started = std::time::Instant::now();
-        let result = match tokio::time::timeout(self.timeout, fut).await {
+        let attempts = async {
+            match call(&self.provider).await {
+                Err(e) if e.is_transport_error() => call(&self.fresh).await,
+                answered => answered,
+            }
+        };
+        let result = match tokio::time::timeout(self.timeout, attempts).await {
             Ok(r) => r.map_err(ChainError::from),
             Err(_) => Err(ChainError::Unavailable("timed out".into())),
         };
@@ -328,44 +356,34 @@ impl Chain {
     /// The chain id, asked once and cached.
     pub async fn chain_id(&self) -> Result<u64, ChainError> {
         self.chain_id
-            .get_or_try_init(|| {
-                self.timed(
-                    RpcMethod::ChainId,
-                    self.provider.get_chain_id().into_future(),
-                )
-            })
+            .get_or_try_init(|| self.timed(RpcMethod::ChainId, |p| p.get_chain_id().into_future()))
             .await
             .copied()
     }
 
     pub async fn balance(&self, address: &Address) -> Result<U256, ChainError> {
-        self.timed(
-            RpcMethod::GetBalance,
-            self.provider.get_balance(to_alloy(address)).into_future(),
-        )
+        self.timed(RpcMethod::GetBalance, |p| {
+            p.get_balance(to_alloy(address)).into_future()
+        })
         .await
     }
 
     /// How many transactions from `address` are mined (the next nonce, if none is pending).
     pub async fn mined_nonce(&self, address: &Address) -> Result<u64, ChainError> {
-        self.timed(
-            RpcMethod::GetTransactionCount,
-            self.provider
-                .get_transaction_count(to_alloy(address))
+        self.timed(RpcMethod::GetTransactionCount, |p| {
+            p.get_transaction_count(to_alloy(address))
                 .latest()
-                .into_future(),
-        )
+                .into_future()
+        })
         .await
     }
 
     pub async fn pending_nonce(&self, address: &Address) -> Result<u64, ChainError> {
-        self.timed(
-            RpcMethod::GetTransactionCount,
-            self.provider
-                .get_transaction_count(to_alloy(address))
+        self.timed(RpcMethod::GetTransactionCount, |p| {
+            p.get_transaction_count(to_alloy(address))
                 .pending()
-                .into_future(),
-        )
+                .into_future()
+        })
         .await
     }
 
@@ -385,7 +403,7 @@ impl Chain {
 
     pub async fn fees(&self) -> Result<(u128, u128), ChainError> {
         let est = self
-            .timed(RpcMethod::FeeHistory, self.provider.estimate_eip1559_fees())
+            .timed(RpcMethod::FeeHistory, |p| p.estimate_eip1559_fees())
             .await?;
         Ok((est.max_fee_per_gas, est.max_priority_fee_per_gas))
     }
@@ -403,10 +421,9 @@ impl Chain {
             .with_to(to_alloy(to))
             .with_value(value)
             .with_input(Bytes::copy_from_slice(data));
-        self.timed(
-            RpcMethod::EstimateGas,
-            self.provider.estimate_gas(request).into_future(),
-        )
+        self.timed(RpcMethod::EstimateGas, |p| {
+            p.estimate_gas(request.clone()).into_future()
+        })
         .await
     }
 
@@ -445,7 +462,7 @@ impl Chain {
         let request = TransactionRequest::default()
             .with_to(to_alloy(to))
             .with_input(Bytes::copy_from_slice(data));
-        self.timed(RpcMethod::Call, self.provider.call(request).into_future())
+        self.timed(RpcMethod::Call, |p| p.call(request.clone()).into_future())
             .await
     }
 
@@ -476,10 +493,9 @@ impl Chain {
     /// the receipt worker's rebroadcast, which is also how a crash before broadcast recovers.
     pub async fn send_raw(&self, raw: &[u8]) -> Result<(), ChainError> {
         match self
-            .timed(
-                RpcMethod::SendRawTransaction,
-                self.provider.send_raw_transaction(raw),
-            )
+            .timed(RpcMethod::SendRawTransaction, |p| {
+                p.send_raw_transaction(raw)
+            })
             .await
         {
             Ok(_) => Ok(()),
@@ -500,10 +516,9 @@ impl Chain {
             .parse()
             .map_err(|_| ChainError::Rejected(format!("bad transaction hash {tx_hash}")))?;
         let receipt = self
-            .timed(
-                RpcMethod::GetTransactionReceipt,
-                self.provider.get_transaction_receipt(hash).into_future(),
-            )
+            .timed(RpcMethod::GetTransactionReceipt, |p| {
+                p.get_transaction_receipt(hash).into_future()
+            })
             .await?;
         Ok(receipt.map(|r| Receipt {
             success: r.status(),
@@ -518,10 +533,9 @@ impl Chain {
             .parse()
             .map_err(|_| ChainError::Rejected(format!("bad transaction hash {tx_hash}")))?;
         let tx = self
-            .timed(
-                RpcMethod::GetTransactionByHash,
-                self.provider.get_transaction_by_hash(hash).into_future(),
-            )
+            .timed(RpcMethod::GetTransactionByHash, |p| {
+                p.get_transaction_by_hash(hash).into_future()
+            })
             .await?;
         Ok(tx.is_some())
     }

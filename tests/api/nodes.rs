@@ -154,6 +154,11 @@ pub enum Fault {
     Reset,
     /// Accept and never answer: a peer that hangs.
     Blackhole,
+    /// New connections pass bytes; each connection open when this is set stays open but
+    /// closes, unanswered, on the next bytes the client writes on it: a server that closed its
+    /// idle keep-alive connections just as the client reused them (the client finds out only
+    /// by writing).
+    Stale,
 }
 
 /// A TCP proxy in front of a real server. Changing the fault cuts every open connection.
@@ -212,13 +217,18 @@ async fn serve(mut client: TcpStream, target: SocketAddr, mut fault: watch::Rece
                 _ = async { while matches!(client.read(&mut sink).await, Ok(n) if n > 0) {} } => {}
             }
         }
-        Fault::None => {
+        Fault::None | Fault::Stale => {
             let Ok(mut upstream) = TcpStream::connect(target).await else {
                 return;
             };
             tokio::select! {
                 _ = fault.changed() => {}
-                _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+                _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => return,
+            }
+            if *fault.borrow_and_update() == Fault::Stale {
+                drop(upstream);
+                let mut byte = [0u8; 1];
+                let _ = client.read(&mut byte).await;
             }
         }
     }

@@ -2,7 +2,8 @@
 //! cache — commits only if they are unchanged, whichever node changed them; PostgreSQL's
 //! one-statement fast path is taken, and gives way to the general path whenever anything but
 //! this node's writer wrote in between, losing nothing; concurrent simulations share JSON-RPC
-//! batches without mixing up their answers.
+//! batches without mixing up their answers; a call written on a connection the node closed is
+//! sent again on a new one.
 
 use std::sync::Arc;
 
@@ -25,6 +26,7 @@ on_both_backends!(
     a_key_revoked_while_its_prepare_waits_on_the_chain_stops_the_prepare,
     concurrent_simulations_share_batches_and_each_gets_its_own_answer,
     a_simulation_on_a_connection_the_node_closed_is_sent_again,
+    an_execution_on_connections_the_node_closed_is_sent_again,
 );
 
 const ETH: u128 = 1_000_000_000_000_000_000;
@@ -477,9 +479,8 @@ async fn a_simulation_on_a_connection_the_node_closed_is_sent_again(backend: Bac
     for _ in 0..5 {
         app.prepare(&agent, native_body(&wallet, &random_address(), 1))
             .await;
-        // Cut every open connection, and take new ones again at once.
-        proxy.set(Fault::Reset);
-        proxy.set(Fault::None);
+        // Every pooled connection is dead, unbeknown to the server.
+        proxy.set(Fault::Stale);
         let (status, body) = app
             .post(
                 "/api/prepare_transaction",
@@ -489,6 +490,54 @@ async fn a_simulation_on_a_connection_the_node_closed_is_sent_again(backend: Bac
             .await;
         assert_eq!(status, StatusCode::CREATED, "{body}");
         assert_eq!(body["simulation"]["status"], "success", "{body}");
+    }
+    node.stop().await;
+    app.cleanup().await;
+}
+
+/// The same for every other call to the node: execution's fee estimate, nonce and broadcast,
+/// each possibly the first write on a pooled connection the node closed, are sent again on a
+/// new connection, and the agent gets its transaction on chain instead of a 503
+/// `chain_unavailable`.
+async fn an_execution_on_connections_the_node_closed_is_sent_again(backend: Backend) {
+    let mut app = TestApp::spawn(backend).await;
+    let (mut owner, wallet, agent) = app.user_with_wallet("reexecute", ETH).await;
+    app.stop().await;
+    let proxy = FaultProxy::start(socket_addr(&app.anvil.url)).await;
+    let mut config = app.config();
+    config.chain_url = proxy.url_for(&app.anvil.url).parse().unwrap();
+    let node = Node::start(config).await;
+    app.address = node.address.clone();
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(
+            app.prepare(&agent, native_body(&wallet, &random_address(), 1))
+                .await,
+        );
+    }
+    let code = owner.fresh_code().await;
+    let (status, body) = app
+        .post(
+            "/api/authorize_transactions",
+            &owner.auth(),
+            json!({"transaction_ids": ids, "mfa_code": code}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    for id in &ids {
+        // Every pooled connection is dead, unbeknown to the server.
+        proxy.set(Fault::Stale);
+        let (status, body) = app
+            .post(
+                "/api/execute_transaction",
+                &agent.auth(),
+                json!({"transaction_id": id}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    for id in &ids {
+        app.wait_for_status(&agent.auth(), id, "confirmed").await;
     }
     node.stop().await;
     app.cleanup().await;
