@@ -122,6 +122,16 @@ pub fn canonical_json(v: &Value) -> Vec<u8> {
 
 /// The bytes an event's hash is taken over (without the tag and `prev_hash`); exposed for tests.
 pub fn event_preimage(e: &EventFields<'_>, prev_hash: &Hash, out: &mut Vec<u8>) {
+    write_preimage(e, prev_hash, out, None);
+}
+
+/// [`event_preimage`], and the [`payload_hash`] from the same canonical encoding if asked.
+fn write_preimage(
+    e: &EventFields<'_>,
+    prev_hash: &Hash,
+    out: &mut Vec<u8>,
+    payload_hash: Option<&mut Hash>,
+) {
     out.clear();
     out.extend_from_slice(EVENT_TAG);
     put_i64(out, e.position);
@@ -132,6 +142,9 @@ pub fn event_preimage(e: &EventFields<'_>, prev_hash: &Hash, out: &mut Vec<u8>) 
     put_bytes(out, e.event_version.as_bytes());
     let mut json = Vec::with_capacity(512);
     write_canonical_json(&mut json, e.payload);
+    if let Some(hash) = payload_hash {
+        *hash = Sha256::digest(&json).into();
+    }
     put_bytes(out, &json);
     json.clear();
     write_canonical_json(&mut json, e.metadata);
@@ -150,6 +163,13 @@ impl EventHasher {
     pub fn hash(&mut self, e: &EventFields<'_>, prev_hash: &Hash) -> Hash {
         event_preimage(e, prev_hash, &mut self.buf);
         Sha256::digest(&self.buf).into()
+    }
+
+    /// The event's hash and its payload's ([`payload_hash`]), encoding the payload once.
+    pub fn hash_with_payload(&mut self, e: &EventFields<'_>, prev_hash: &Hash) -> (Hash, Hash) {
+        let mut payload = ZERO;
+        write_preimage(e, prev_hash, &mut self.buf, Some(&mut payload));
+        (Sha256::digest(&self.buf).into(), payload)
     }
 }
 
@@ -254,6 +274,22 @@ mod tests {
         assert_eq!(
             String::from_utf8(canonical_json(&c)).unwrap(),
             r#"{"":0,"B":0,"b":0,"bb":0}"#
+        );
+    }
+
+    #[test]
+    fn the_sealers_one_pass_gives_both_hashes() {
+        let payload = json!({"TransactionPrepared": {"b": 1, "a": [true, null]}});
+        let metadata = json!({"actor": "u1"});
+        let prev = [7u8; 32];
+        let mut h = EventHasher::default();
+        let both = h.hash_with_payload(&fields(&payload, &metadata), &prev);
+        assert_eq!(
+            both,
+            (
+                h.hash(&fields(&payload, &metadata), &prev),
+                payload_hash(&payload)
+            )
         );
     }
 

@@ -377,14 +377,14 @@ impl Sealer {
                     metadata: &row.metadata,
                     recorded_at: &row.recorded_at,
                 };
-                let hash = hasher.hash(&fields, &prev);
+                let (hash, payload_hash) = hasher.hash_with_payload(&fields, &prev);
                 acc = accumulate(&acc, &hash);
                 count += 1;
                 heads.insert(key, hash);
                 seals.push((
                     row.position,
                     Seal {
-                        payload_hash: canonical::payload_hash(&row.payload),
+                        payload_hash,
                         aggregate_type: row.aggregate_type,
                         aggregate_id: row.aggregate_id,
                         sequence: row.sequence,
