@@ -10,8 +10,8 @@ use serde_json::{json, Value};
 
 use crate::helpers::*;
 use crate::nodes::{
-    client_with_timeout, small_pool, socket_addr, try_request, Fault, FaultProxy, Node,
-    PrivatePostgres, ServerProcess,
+    behind_chain_proxy, client_with_timeout, small_pool, socket_addr, try_request, Fault,
+    FaultProxy, Node, PrivatePostgres, ServerProcess,
 };
 use crate::on_both_backends;
 
@@ -304,13 +304,7 @@ async fn an_unreachable_chain_defers_execution_until_it_is_back(backend: Backend
         .prepare(&agent, native_body(&wallet, &first_recipient, 111))
         .await;
 
-    app.stop().await;
-    let proxy = FaultProxy::start(socket_addr(&app.anvil.url)).await;
-    let mut config = app.config();
-    config.chain_url = proxy.url_for(&app.anvil.url).parse().unwrap();
-    config.chain_timeout = Duration::from_secs(2);
-    let node = Node::start(config).await;
-    app.address = node.address.clone();
+    let (proxy, node) = behind_chain_proxy(&mut app, Some(Duration::from_secs(2))).await;
 
     // Refused: prepare (not simulated) and authorize work, execution is a clear 503.
     proxy.set(Fault::Reset);

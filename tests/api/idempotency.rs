@@ -8,7 +8,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use crate::helpers::*;
-use crate::nodes::{socket_addr, Fault, FaultProxy, Node};
+use crate::nodes::{behind_chain_proxy, Fault};
 use crate::on_both_backends;
 
 on_both_backends!(
@@ -399,13 +399,7 @@ async fn failures_worth_retrying_are_not_remembered(backend: Backend) {
     assert_eq!(status, StatusCode::OK, "{body}");
 
     // The chain goes away: execution answers 503, which a retry under the same key redoes.
-    app.stop().await;
-    let proxy = FaultProxy::start(socket_addr(&app.anvil.url)).await;
-    let mut config = app.config();
-    config.chain_url = proxy.url_for(&app.anvil.url).parse().unwrap();
-    config.chain_timeout = Duration::from_secs(2);
-    let node = Node::start(config).await;
-    app.address = node.address.clone();
+    let (proxy, node) = behind_chain_proxy(&mut app, Some(Duration::from_secs(2))).await;
     proxy.set(Fault::Reset);
     let k = key();
     let execute = json!({"transaction_id": tx});

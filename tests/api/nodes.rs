@@ -235,6 +235,24 @@ async fn serve(mut client: TcpStream, target: SocketAddr, mut fault: watch::Rece
     // Dropping both sockets closes them: the cut.
 }
 
+/// `app`'s server replaced by a node that reaches the chain only through a [`FaultProxy`]
+/// (passing bytes until told otherwise); `chain_timeout`, if given, bounds its chain calls.
+pub async fn behind_chain_proxy(
+    app: &mut TestApp,
+    chain_timeout: Option<Duration>,
+) -> (FaultProxy, Node) {
+    app.stop().await;
+    let proxy = FaultProxy::start(socket_addr(&app.anvil.url)).await;
+    let mut config = app.config();
+    config.chain_url = proxy.url_for(&app.anvil.url).parse().unwrap();
+    if let Some(timeout) = chain_timeout {
+        config.chain_timeout = timeout;
+    }
+    let node = Node::start(config).await;
+    app.address = node.address.clone();
+    (proxy, node)
+}
+
 /// The host and port of a URL, resolved.
 pub fn socket_addr(url: &str) -> SocketAddr {
     let url = url::Url::parse(url).expect("URL");

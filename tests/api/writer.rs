@@ -18,7 +18,9 @@ use serde_json::json;
 use time::OffsetDateTime;
 
 use crate::helpers::*;
-use crate::nodes::{post_at, small_pool, socket_addr, Fault, FaultProxy, Node, ServerProcess};
+use crate::nodes::{
+    behind_chain_proxy, post_at, small_pool, socket_addr, Fault, FaultProxy, Node, ServerProcess,
+};
 use crate::on_both_backends;
 
 on_both_backends!(
@@ -470,12 +472,7 @@ async fn concurrent_simulations_share_batches_and_each_gets_its_own_answer(backe
 async fn a_simulation_on_a_connection_the_node_closed_is_sent_again(backend: Backend) {
     let mut app = TestApp::spawn(backend).await;
     let (_owner, wallet, agent) = app.user_with_wallet("reconnect", ETH).await;
-    app.stop().await;
-    let proxy = FaultProxy::start(socket_addr(&app.anvil.url)).await;
-    let mut config = app.config();
-    config.chain_url = proxy.url_for(&app.anvil.url).parse().unwrap();
-    let node = Node::start(config).await;
-    app.address = node.address.clone();
+    let (proxy, node) = behind_chain_proxy(&mut app, None).await;
     for _ in 0..5 {
         app.prepare(&agent, native_body(&wallet, &random_address(), 1))
             .await;
@@ -502,12 +499,7 @@ async fn a_simulation_on_a_connection_the_node_closed_is_sent_again(backend: Bac
 async fn an_execution_on_connections_the_node_closed_is_sent_again(backend: Backend) {
     let mut app = TestApp::spawn(backend).await;
     let (mut owner, wallet, agent) = app.user_with_wallet("reexecute", ETH).await;
-    app.stop().await;
-    let proxy = FaultProxy::start(socket_addr(&app.anvil.url)).await;
-    let mut config = app.config();
-    config.chain_url = proxy.url_for(&app.anvil.url).parse().unwrap();
-    let node = Node::start(config).await;
-    app.address = node.address.clone();
+    let (proxy, node) = behind_chain_proxy(&mut app, None).await;
     let mut ids = Vec::new();
     for _ in 0..5 {
         ids.push(
