@@ -128,7 +128,8 @@ function codeSource(secret, spent = { last: 0 }) {
   };
 }
 
-test('a person approves an agent transaction live in the web page', { timeout: 120_000 }, async (t) => {
+// Six codes, each for a time step not used before: up to three 30 s steps of waiting alone.
+test('a person approves an agent transaction live in the web page', { timeout: 240_000 }, async (t) => {
   const anvil = await startAnvil();
   const server = await startServer(anvil.url);
   const browser = await chromium.launch({
