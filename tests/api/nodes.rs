@@ -226,9 +226,14 @@ async fn serve(mut client: TcpStream, target: SocketAddr, mut fault: watch::Rece
                 _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => return,
             }
             if *fault.borrow_and_update() == Fault::Stale {
-                drop(upstream);
+                // An answer already on its way still arrives; the next request gets none.
+                let (mut from_upstream, _) = upstream.split();
+                let (mut from_client, mut to_client) = client.split();
                 let mut byte = [0u8; 1];
-                let _ = client.read(&mut byte).await;
+                tokio::select! {
+                    _ = from_client.read(&mut byte) => {}
+                    _ = tokio::io::copy(&mut from_upstream, &mut to_client) => {}
+                }
             }
         }
     }
