@@ -1195,14 +1195,10 @@ impl Db {
         &self,
         key_hash: &str,
     ) -> Result<Option<T>, StoreError> {
-        let payload: Option<String> = with_pool!(self, |pool| sqlx::query_scalar(
-            "SELECT v.payload FROM api_key_credentials c \
-             JOIN views v ON v.kind = 'api_key' AND v.id = c.api_key_id WHERE c.key_hash = $1"
-        )
-        .bind(key_hash)
-        .fetch_optional(pool)
-        .await?);
-        payload.map(decode_view).transpose()
+        Ok(self
+            .api_key_view_by_hash_at(key_hash)
+            .await?
+            .map(|(view, _)| view))
     }
 
     /// [`api_key_view_by_hash`](Self::api_key_view_by_hash) and, in the same round trip, the

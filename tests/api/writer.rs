@@ -33,6 +33,14 @@ on_both_backends!(
 
 const ETH: u128 = 1_000_000_000_000_000_000;
 
+/// A fresh database of `backend`, migrated, and a connection to it.
+async fn migrated(backend: Backend) -> (Store, Db) {
+    let store = Store::new(backend).await;
+    let db = Db::connect(&store.url).await.unwrap();
+    db.migrate().await.unwrap();
+    (store, db)
+}
+
 /// A writer of its own on `db`, as a node has.
 fn writer_on(db: &Db) -> (Arc<Projector>, Writer) {
     let projector = Arc::new(Projector::new(db.clone()));
@@ -107,9 +115,7 @@ fn assert_changed(result: Result<(), PersistenceError>) {
 /// document they were decided on. Each is appended as its command's only event, the way the
 /// server appends a prepare: by whichever path the writer picks.
 async fn a_command_decided_on_a_document_that_changed_since_is_refused(backend: Backend) {
-    let store = Store::new(backend).await;
-    let db = Db::connect(&store.url).await.unwrap();
-    db.migrate().await.unwrap();
+    let (store, db) = migrated(backend).await;
     let (projector, writer) = writer_on(&db);
     let command = |n: usize| issued(&format!("command-{n}"));
 
@@ -203,9 +209,7 @@ async fn an_event_written_behind_the_writer_s_back_is_projected_and_the_fast_pat
     if !backends().contains(&Backend::Postgres) {
         return;
     }
-    let store = Store::new(Backend::Postgres).await;
-    let db = Db::connect(&store.url).await.unwrap();
-    db.migrate().await.unwrap();
+    let (store, db) = migrated(Backend::Postgres).await;
     let (projector, writer) = writer_on(&db);
     for n in 0..3 {
         writer
@@ -261,13 +265,8 @@ async fn commands_waiting_behind_a_fast_batch_that_cannot_reach_the_database_fai
     if !backends().contains(&Backend::Postgres) {
         return;
     }
-    let store = Store::new(Backend::Postgres).await;
-    Db::connect(&store.url)
-        .await
-        .unwrap()
-        .migrate()
-        .await
-        .unwrap();
+    let (store, migrating) = migrated(Backend::Postgres).await;
+    migrating.close().await;
     let proxy = FaultProxy::start(socket_addr(&store.url)).await;
     let db = Db::connect(&proxy.url_for(&store.url)).await.unwrap();
     let (projector, writer) = writer_on(&db);
