@@ -53,9 +53,29 @@ impl From<RpcError<TransportErrorKind>> for ChainError {
     fn from(e: RpcError<TransportErrorKind>) -> Self {
         match e.as_error_resp() {
             Some(payload) => Self::Rejected(payload.message.to_string()),
-            None => Self::Unavailable(e.to_string()),
+            None => Self::Unavailable(failure_text(&e)),
         }
     }
+}
+
+/// The text of a failure to reach the node, without the node's URL: the HTTP client names the
+/// URL, which may carry the node's API key, and this text reaches logs and API responses (the
+/// reason a prompt was not simulated).
+fn failure_text(e: &RpcError<TransportErrorKind>) -> String {
+    let mut text = e.to_string();
+    if let RpcError::Transport(TransportErrorKind::Custom(inner)) = e {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(inner.as_ref());
+        while let Some(err) = cause {
+            if let Some(url) = err
+                .downcast_ref::<alloy::transports::http::reqwest::Error>()
+                .and_then(|r| r.url())
+            {
+                text = text.replace(url.as_str(), &crate::config::redact_chain_url(url));
+            }
+            cause = err.source();
+        }
+    }
+    text
 }
 
 pub fn to_alloy(a: &Address) -> primitives::Address {
@@ -109,7 +129,7 @@ async fn simulation_step<T>(
                     crate::abi::decode_revert(&data).unwrap_or_else(|| payload.message.to_string());
                 Ok(Err(CallOutcome::Reverted { reason, data }))
             }
-            None => Err(ChainError::Unavailable(e.to_string())),
+            None => Err(ChainError::Unavailable(failure_text(&e))),
         },
     }
 }
@@ -264,7 +284,7 @@ async fn estimate_batch(
         answers.push(match (waiter, &sent) {
             (Err(e), _) => Err(e),
             (Ok(waiter), Ok(())) => waiter.await,
-            (Ok(_), Err(e)) => Err(TransportErrorKind::custom_str(&e.to_string())),
+            (Ok(_), Err(e)) => Err(TransportErrorKind::custom_str(&failure_text(e))),
         });
     }
     answers
@@ -668,5 +688,33 @@ mod tests {
     #[test]
     fn gas_limit_has_headroom() {
         assert_eq!(gas_limit_for(21_000), 25_200);
+    }
+
+    /// A hosted node's URL carries its API key; a node that cannot be reached must not put it
+    /// into the error, which reaches logs and API responses.
+    #[tokio::test]
+    async fn failures_to_reach_the_node_do_not_name_its_url() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let url = format!("http://127.0.0.1:{port}/v3/k3y-in-the-path?apikey=k3y-in-the-query");
+        let chain = Chain::new(url.parse().unwrap(), Duration::from_secs(5));
+        let address: Address = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"
+            .parse()
+            .unwrap();
+        let failures = [
+            chain.balance(&address).await.map(|_| ()),
+            chain
+                .simulate(&address, &address, U256::from(1), &[])
+                .await
+                .map(|_| ()),
+        ];
+        for failure in failures {
+            let Err(ChainError::Unavailable(text)) = failure else {
+                panic!("expected the node to be unreachable: {failure:?}");
+            };
+            assert!(!text.contains("k3y"), "{text}");
+            assert!(text.contains(&format!("127.0.0.1:{port}/***")), "{text}");
+        }
     }
 }

@@ -75,7 +75,7 @@ impl std::fmt::Debug for Config {
         // Secrets are deliberately absent.
         f.debug_struct("Config")
             .field("database_url", &redact_url(&self.database_url))
-            .field("chain_url", &self.chain_url.as_str())
+            .field("chain_url", &redact_chain_url(&self.chain_url))
             .field("chain_timeout", &self.chain_timeout)
             .field("db_max_connections", &self.db_max_connections)
             .field("addr", &self.addr)
@@ -97,6 +97,23 @@ pub fn redact_url(url: &str) -> String {
         }
         _ => url.to_owned(),
     }
+}
+
+/// A chain node's URL fit for logs and messages. Hosted nodes carry their API key in the path
+/// (`…/v3/<key>`), the query or the user part, so only the scheme, host and port are shown.
+pub fn redact_chain_url(url: &url::Url) -> String {
+    let hidden = url.path() != "/"
+        || url.query().is_some()
+        || url.fragment().is_some()
+        || !url.username().is_empty()
+        || url.password().is_some();
+    let port = url.port().map(|p| format!(":{p}")).unwrap_or_default();
+    format!(
+        "{}://{}{port}/{}",
+        url.scheme(),
+        url.host_str().unwrap_or_default(),
+        if hidden { "***" } else { "" }
+    )
 }
 
 fn var(name: &'static str) -> Option<String> {
@@ -474,7 +491,25 @@ fn write_private_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::CorsOrigins;
+    use super::{redact_chain_url, CorsOrigins};
+
+    #[test]
+    fn chain_urls_show_where_the_node_is_not_its_key() {
+        let shown = |u: &str| redact_chain_url(&u.parse().unwrap());
+        assert_eq!(shown("http://127.0.0.1:8545"), "http://127.0.0.1:8545/");
+        assert_eq!(
+            shown("https://mainnet.infura.io/v3/0123abcd"),
+            "https://mainnet.infura.io/***"
+        );
+        assert_eq!(
+            shown("https://node.example/?key=0123abcd"),
+            "https://node.example/***"
+        );
+        assert_eq!(
+            shown("https://user:0123abcd@node.example"),
+            "https://node.example/***"
+        );
+    }
 
     #[test]
     fn cors_origins_are_exact_origins_in_browser_form() {

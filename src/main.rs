@@ -147,7 +147,7 @@ async fn main() -> anyhow::Result<()> {
             let config = Config::from_env(dev.then_some(dev_dir.as_path()))?;
             tracing::info!(
                 database = %redact_url(&config.database_url),
-                chain = %config.chain_url,
+                chain = %countersign::config::redact_chain_url(&config.chain_url),
                 master_key_id = %config.master_key.key_id(),
                 previous_master_key_ids = ?config.master_key.previous_key_ids(),
                 "starting"
