@@ -240,15 +240,14 @@ fn route(pushed: &mut [PushRow], written: &[WrittenDoc]) {
     }
 }
 
-/// The columns a view row is written with (all but the generated ones), in the order
-/// [`push_view_rows`] binds them.
+/// The columns a view row is written with, in the order [`push_view_rows`] binds them.
 pub(crate) const VIEW_COLUMNS: &str = "kind, id, owner_user_id, wallet_address, api_key_id, \
-     status, created_position, position, payload";
+     status, created_position, position, payload, due_at";
 /// Writing a document that exists keeps its `created_position`.
 pub(crate) const VIEWS_ON_CONFLICT: &str = " ON CONFLICT (kind, id) DO UPDATE SET \
      owner_user_id = excluded.owner_user_id, wallet_address = excluded.wallet_address, \
      api_key_id = excluded.api_key_id, status = excluded.status, position = excluded.position, \
-     payload = excluded.payload";
+     payload = excluded.payload, due_at = excluded.due_at";
 
 /// Append `VALUES (…), …` for `rows` (document, creating position, last position) in the
 /// order of [`VIEW_COLUMNS`]. Documents are stored as their JSON text (`text` on PostgreSQL
@@ -270,7 +269,8 @@ pub(crate) fn push_view_rows<'a, DB: sqlx::Database>(
             .push_bind(doc.status.as_deref())
             .push_bind(*created)
             .push_bind(*position)
-            .push_bind(doc.payload.as_str());
+            .push_bind(doc.payload.as_str())
+            .push_bind(doc.due_at.as_deref());
     });
 }
 
@@ -832,7 +832,7 @@ impl Projector {
     }
 
     /// The writer's fast path (PostgreSQL): send `draft` as one statement
-    /// (`countersign_append`, migration 0010) that writes its events and documents, leaves the
+    /// (`countersign_append`, migrations 0010 and 0011) that writes its events and documents, leaves the
     /// checkpoint at `version` and wakes the other nodes — if the checkpoint is still as
     /// `known` says: one round trip and one commit.
     ///
@@ -860,7 +860,7 @@ impl Projector {
             let (outcome, recorded): (String, Option<Vec<String>>) = sqlx::query_as(
                 "SELECT outcome, recorded FROM countersign_append(\
                  $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, \
-                 $19, $20, $21)",
+                 $19, $20, $21, $22)",
             )
             .bind(known.checkpoint)
             .bind(known.version)
@@ -881,6 +881,7 @@ impl Projector {
             .bind(&docs.created)
             .bind(&docs.positions)
             .bind(&docs.documents)
+            .bind(&docs.dues)
             .bind(crate::push::VIEWS_CHANNEL)
             .bind(notification(upto, &self.node))
             .fetch_one(pool)
@@ -1083,6 +1084,7 @@ struct DocColumns {
     created: Vec<i64>,
     positions: Vec<i64>,
     documents: Vec<String>,
+    dues: Vec<Option<String>>,
 }
 
 impl DocColumns {
@@ -1097,6 +1099,7 @@ impl DocColumns {
             self.created.push(created);
             self.positions.push(position);
             self.documents.push(doc.payload);
+            self.dues.push(doc.due_at);
         }
     }
 }
@@ -1255,19 +1258,10 @@ impl Db {
         cutoff: &str,
         limit: i64,
     ) -> Result<Vec<T>, StoreError> {
-        // The deadline: SQLite has a generated column for it, PostgreSQL a partial index on
-        // the expression (migration 0009); either serves this query alone.
-        let sql = match self.backend() {
-            Backend::Postgres => {
-                "SELECT payload FROM views WHERE kind = 'transaction' \
-                 AND status = 'pending_authorization' AND payload::json ->> 'expires_at' <= $1 \
-                 ORDER BY payload::json ->> 'expires_at' LIMIT $2"
-            }
-            Backend::Sqlite => {
-                "SELECT payload FROM views WHERE due_at IS NOT NULL AND due_at <= $1 \
-                 ORDER BY due_at LIMIT $2"
-            }
-        };
+        // The deadline column is written with the document (`ViewDoc::due_at`); its partial
+        // index serves this query alone.
+        let sql = "SELECT payload FROM views WHERE due_at IS NOT NULL AND due_at <= $1 \
+                   ORDER BY due_at LIMIT $2";
         let rows: Vec<String> = with_pool!(self, |pool| sqlx::query_scalar(sql)
             .bind(cutoff)
             .bind(limit)

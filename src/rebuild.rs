@@ -610,7 +610,7 @@ impl CopyRows {
             .write_doc(id, &mut self.json)
             .map_err(encode_error)?;
         let buf = &mut self.buf;
-        buf.extend_from_slice(&9i16.to_be_bytes());
+        buf.extend_from_slice(&10i16.to_be_bytes());
         for text in [
             Some(doc.kind.as_str()),
             Some(doc.id.as_str()),
@@ -619,13 +619,7 @@ impl CopyRows {
             doc.api_key_id.as_deref(),
             doc.status.as_deref(),
         ] {
-            match text {
-                Some(t) => {
-                    buf.extend_from_slice(&field_len(t.len())?.to_be_bytes());
-                    buf.extend_from_slice(t.as_bytes());
-                }
-                None => buf.extend_from_slice(&(-1i32).to_be_bytes()),
-            }
+            push_text(buf, text)?;
         }
         for n in [held.created, held.position] {
             buf.extend_from_slice(&8i32.to_be_bytes());
@@ -633,7 +627,7 @@ impl CopyRows {
         }
         buf.extend_from_slice(&field_len(self.json.len())?.to_be_bytes());
         buf.extend_from_slice(&self.json);
-        Ok(())
+        push_text(buf, doc.due_at.as_deref())
     }
 
     /// The bytes encoded so far, once they make a chunk.
@@ -671,6 +665,18 @@ async fn copy_in(
     }
     copy.send(rows.end()).await?;
     copy.finish().await?;
+    Ok(())
+}
+
+/// One nullable text field of a binary `COPY` row.
+fn push_text(buf: &mut Vec<u8>, text: Option<&str>) -> Result<(), ProjectorError> {
+    match text {
+        Some(t) => {
+            buf.extend_from_slice(&field_len(t.len())?.to_be_bytes());
+            buf.extend_from_slice(t.as_bytes());
+        }
+        None => buf.extend_from_slice(&(-1i32).to_be_bytes()),
+    }
     Ok(())
 }
 

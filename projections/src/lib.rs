@@ -95,6 +95,10 @@ pub struct ViewDoc<P = Value> {
     pub wallet_address: Option<String>,
     pub api_key_id: Option<String>,
     pub status: Option<String>,
+    /// The deadline of a transaction waiting for its owner (its `expires_at`, as in the
+    /// document), for the expiry worker's index; `None` for everything else. A column of its
+    /// own, so the database never parses a document to index it.
+    pub due_at: Option<String>,
     pub payload: P,
 }
 

@@ -10,6 +10,9 @@ use serde_json::Value;
 
 use crate::{EventHead, ProjectionError, StoredEvent, ViewDoc, ViewKind};
 
+/// The status of a transaction waiting for its owner: the only one with a deadline.
+const PENDING: &str = "pending_authorization";
+
 /// One kind of view: created by its aggregate's first event, updated by the rest.
 pub(crate) trait View: Serialize + DeserializeOwned {
     const KIND: ViewKind;
@@ -154,7 +157,7 @@ impl View for TransactionView {
         };
         Some(Self {
             transaction_id: p.transaction_id,
-            status: "pending_authorization".to_owned(),
+            status: PENDING.to_owned(),
             wallet_address: p.wallet_address,
             owner_user_id: p.owner_user_id,
             initiator: p.initiator,
@@ -258,6 +261,7 @@ impl View for TransactionView {
             wallet_address: Some(self.wallet_address.to_checksum()),
             api_key_id,
             status: Some(self.status.clone()),
+            due_at: (self.status == PENDING).then(|| self.expires_at.clone()),
             payload,
         }
     }
@@ -300,6 +304,7 @@ impl View for WalletView {
             wallet_address: Some(self.wallet_address.to_checksum()),
             api_key_id: None,
             status: None,
+            due_at: None,
             payload,
         }
     }
@@ -375,6 +380,7 @@ impl View for ApiKeyView {
                 }
                 .to_owned(),
             ),
+            due_at: None,
             payload,
         }
     }
@@ -476,6 +482,7 @@ impl View for UserView {
             wallet_address: None,
             api_key_id: None,
             status: None,
+            due_at: None,
             payload,
         }
     }

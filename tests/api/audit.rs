@@ -803,11 +803,13 @@ type ViewRow = (
     i64,
     i64,
     String,
+    Option<String>,
 );
 
 async fn views_snapshot(db: &Db) -> Vec<ViewRow> {
     let sql = "SELECT kind, id, owner_user_id, wallet_address, api_key_id, status, \
-               created_position, position, CAST(payload AS text) FROM views ORDER BY kind, id";
+               created_position, position, CAST(payload AS text), due_at FROM views \
+               ORDER BY kind, id";
     let rows: Vec<ViewRow> = match db {
         Db::Postgres(p) => sqlx::query_as(sql).fetch_all(p).await.unwrap(),
         Db::Sqlite(p) => sqlx::query_as(sql).fetch_all(p).await.unwrap(),
@@ -833,8 +835,11 @@ async fn views_shape(db: &Db) -> Vec<String> {
              UNION ALL SELECT indexdef FROM pg_indexes WHERE tablename = 'views' \
              UNION ALL SELECT conname || ' ' || pg_get_constraintdef(oid) FROM pg_constraint \
                        WHERE conrelid = 'views'::regclass \
-             UNION ALL SELECT 'due ' || id || ' ' || (payload::json ->> 'expires_at') FROM views \
+             UNION ALL SELECT 'due ' || id || ' ' || coalesce(due_at, '-') || ' document ' || \
+                              (payload::json ->> 'expires_at') FROM views \
                        WHERE kind = 'transaction' AND status = 'pending_authorization' \
+             UNION ALL SELECT 'stray due ' || id FROM views WHERE due_at IS NOT NULL \
+                       AND NOT (kind = 'transaction' AND status = 'pending_authorization') \
              UNION ALL SELECT 'table ' || tablename FROM pg_tables WHERE tablename LIKE 'views%' \
              ORDER BY 1",
         )
@@ -843,7 +848,11 @@ async fn views_shape(db: &Db) -> Vec<String> {
         .unwrap(),
         Db::Sqlite(p) => sqlx::query_scalar(
             "SELECT coalesce(sql, name) FROM sqlite_master WHERE tbl_name LIKE 'views%' \
-             UNION ALL SELECT 'due ' || id || ' ' || due_at FROM views WHERE due_at IS NOT NULL \
+             UNION ALL SELECT 'due ' || id || ' ' || coalesce(due_at, '-') || ' document ' || \
+                              json_extract(payload, '$.expires_at') FROM views \
+                       WHERE kind = 'transaction' AND status = 'pending_authorization' \
+             UNION ALL SELECT 'stray due ' || id FROM views WHERE due_at IS NOT NULL \
+                       AND NOT (kind = 'transaction' AND status = 'pending_authorization') \
              ORDER BY 1",
         )
         .fetch_all(p)
@@ -872,7 +881,18 @@ async fn rebuilt_views_equal_the_live_ones(backend: Backend) {
         shape.iter().any(|s| s.contains("views_due_idx")),
         "{shape:?}"
     );
-    assert_eq!(shape.iter().filter(|s| s.starts_with("due ")).count(), 3);
+    // Each waiting prompt's deadline column is its document's, and nothing else has one.
+    let due: Vec<&String> = shape.iter().filter(|s| s.starts_with("due ")).collect();
+    assert_eq!(due.len(), 3, "{shape:?}");
+    for row in due {
+        let parts: Vec<&str> = row.split(' ').collect();
+        assert_eq!(parts.len(), 5, "{row}");
+        assert_eq!(parts[2], parts[4], "{row}");
+    }
+    assert!(
+        !shape.iter().any(|s| s.starts_with("stray due ")),
+        "{shape:?}"
+    );
     assert!(live.iter().any(|r| r.0 == "transaction"));
     assert!(live
         .iter()
