@@ -832,9 +832,9 @@ impl Projector {
     }
 
     /// The writer's fast path (PostgreSQL): send `draft` as one statement
-    /// (`countersign_append`, migrations 0010 and 0011) that writes its events and documents, leaves the
-    /// checkpoint at `version` and wakes the other nodes — if the checkpoint is still as
-    /// `known` says: one round trip and one commit.
+    /// (`countersign_append`, migrations 0010 and 0011) that writes its events and documents,
+    /// leaves the checkpoint at `version` and wakes the other nodes — if the checkpoint is
+    /// still as `known` says: one round trip and one commit.
     ///
     /// [`Fast::Moved`] if the checkpoint is not as `known` says, and an error with code
     /// `CS001` if positions moved under it: then nothing was written.

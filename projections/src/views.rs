@@ -618,7 +618,7 @@ mod tests {
     }
 
     #[test]
-    fn transaction_views_stored_before_simulation_existed_still_fold() {
+    fn transaction_views_fold_old_shapes_and_are_due_only_while_pending() {
         let payload = json!({
             "chain_id": 31337,
             "from": "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed",
@@ -647,6 +647,8 @@ mod tests {
             }}),
         );
         let doc = apply(ViewKind::Transaction, None, &prepared).unwrap();
+        // Waiting for its owner: the deadline column is the document's `expires_at`.
+        assert_eq!(doc.due_at.as_deref(), Some("2026-01-01T00:15:00Z"));
         let mut old_doc = doc.payload.clone();
         for field in [
             "simulation",
@@ -665,6 +667,8 @@ mod tests {
                 "authorized_at": "2026-01-01T00:01:00Z"}}),
         );
         let doc = apply(ViewKind::Transaction, Some(old_doc), &authorized).unwrap();
+        // Decided: no longer due.
+        assert_eq!(doc.due_at, None);
         let view: TransactionView = serde_json::from_value(doc.payload).unwrap();
         assert_eq!(view.status, "authorized");
         assert_eq!(view.simulation, None);
