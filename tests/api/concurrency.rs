@@ -229,15 +229,8 @@ async fn executions_from_one_wallet_through_two_nodes_take_consecutive_nonces(ba
             .await;
         txs.push((tx, recipient, amount));
     }
-    let code = user.fresh_code().await;
     let ids: Vec<&str> = txs.iter().map(|(tx, _, _)| tx.as_str()).collect();
-    let (status, body) = app
-        .post(
-            "/api/authorize_transactions",
-            &user.auth(),
-            json!({"transaction_ids": ids, "mfa_code": code}),
-        )
-        .await;
+    let (status, body) = app.authorize_all(&mut user, &ids).await;
     assert_eq!(status, StatusCode::OK, "{body}");
 
     // Each transaction executed twice, once through each node, all at once.

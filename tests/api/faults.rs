@@ -23,14 +23,7 @@ on_both_backends!(
 const ETH: u128 = 1_000_000_000_000_000_000;
 
 async fn authorize_all(app: &TestApp, user: &mut TestUser, ids: &[&str]) {
-    let code = user.fresh_code().await;
-    let (status, body) = app
-        .post(
-            "/api/authorize_transactions",
-            &user.auth(),
-            json!({"transaction_ids": ids, "mfa_code": code}),
-        )
-        .await;
+    let (status, body) = app.authorize_all(user, ids).await;
     assert_eq!(status, StatusCode::OK, "{body}");
 }
 

@@ -499,6 +499,22 @@ impl TestApp {
         .await
     }
 
+    /// Authorize several transactions with one code.
+    pub async fn authorize_all<S: AsRef<str>>(
+        &self,
+        user: &mut TestUser,
+        ids: &[S],
+    ) -> (StatusCode, Value) {
+        let code = user.fresh_code().await;
+        let ids: Vec<&str> = ids.iter().map(AsRef::as_ref).collect();
+        self.post(
+            "/api/authorize_transactions",
+            &user.auth(),
+            json!({"transaction_ids": ids, "mfa_code": code}),
+        )
+        .await
+    }
+
     pub async fn status(&self, auth: &Auth, tx: &str) -> Value {
         let (status, body) = self
             .get(

@@ -135,16 +135,6 @@ async fn execute(app: &TestApp, agent: &Agent, tx: &str) -> (StatusCode, Value) 
     .await
 }
 
-async fn authorize_all(app: &TestApp, user: &mut TestUser, ids: &[String]) -> (StatusCode, Value) {
-    let code = user.fresh_code().await;
-    app.post(
-        "/api/authorize_transactions",
-        &user.auth(),
-        json!({"transaction_ids": ids, "mfa_code": code}),
-    )
-    .await
-}
-
 async fn events(app: &TestApp, auth: &Auth, tx: &str) -> Vec<Value> {
     let (status, body) = app
         .get(&format!("/api/transactions/{tx}/events"), auth)
@@ -436,7 +426,7 @@ async fn agent_calls_from_an_abi_and_erc20_calls_are_summarized_and_executed(bac
     );
 
     let ids = [call.clone(), approve.clone(), transfer.clone()];
-    let (status, body) = authorize_all(&app, &mut user, &ids).await;
+    let (status, body) = app.authorize_all(&mut user, &ids).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     for tx in &ids {
         let (status, body) = execute(&app, &agent, tx).await;
@@ -689,7 +679,7 @@ async fn twenty_concurrent_executions_from_one_wallet_all_confirm(backend: Backe
                 .await,
         );
     }
-    let (status, body) = authorize_all(&app, &mut user, &ids).await;
+    let (status, body) = app.authorize_all(&mut user, &ids).await;
     assert_eq!(status, StatusCode::OK, "{body}");
 
     let results = futures::future::join_all(ids.iter().map(|tx| execute(&app, &agent, tx))).await;
@@ -724,7 +714,7 @@ async fn a_nonce_gap_left_by_a_rejected_broadcast_is_filled_by_the_next_executio
         .prepare(&agent, native_body(&wallet, &recipient, 2000))
         .await;
     let ids = [big.clone(), second.clone(), third.clone()];
-    let (status, body) = authorize_all(&app, &mut user, &ids).await;
+    let (status, body) = app.authorize_all(&mut user, &ids).await;
     assert_eq!(status, StatusCode::OK, "{body}");
 
     // Blocks only when the test says so: both wait in the node's pool, nonces 0 and 1.

@@ -506,14 +506,7 @@ async fn an_execution_on_connections_the_node_closed_is_sent_again(backend: Back
                 .await,
         );
     }
-    let code = owner.fresh_code().await;
-    let (status, body) = app
-        .post(
-            "/api/authorize_transactions",
-            &owner.auth(),
-            json!({"transaction_ids": ids, "mfa_code": code}),
-        )
-        .await;
+    let (status, body) = app.authorize_all(&mut owner, &ids).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     for id in &ids {
         // Every pooled connection is dead, unbeknown to the server.
