@@ -25,6 +25,10 @@
 //! checkpoint_hash = SHA-256("countersign/checkpoint-hash/v1" || message || signature)
 //! ```
 
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -35,6 +39,32 @@ const EVENT_TAG: &[u8] = b"countersign/event/v1";
 const CHECKPOINT_TAG: &[u8] = b"countersign/checkpoint/v1";
 const CHECKPOINT_HASH_TAG: &[u8] = b"countersign/checkpoint-hash/v1";
 
+/// A JSON document as the hash reads it: parsed, or as stored text. Both encode to the same
+/// canonical bytes; text is encoded without building a `Value` (see [`write_canonical_text`]).
+#[derive(Debug, Clone, Copy)]
+pub enum Json<'a> {
+    Value(&'a Value),
+    Text(&'a str),
+}
+
+impl<'a> From<&'a Value> for Json<'a> {
+    fn from(v: &'a Value) -> Self {
+        Self::Value(v)
+    }
+}
+
+impl Json<'_> {
+    fn write_canonical(self, out: &mut Vec<u8>) -> serde_json::Result<()> {
+        match self {
+            Self::Value(v) => {
+                write_canonical_json(out, v);
+                Ok(())
+            }
+            Self::Text(t) => write_canonical_text(out, t),
+        }
+    }
+}
+
 /// The fields of a stored event that its hash covers.
 #[derive(Debug, Clone, Copy)]
 pub struct EventFields<'a> {
@@ -44,8 +74,8 @@ pub struct EventFields<'a> {
     pub sequence: i64,
     pub event_type: &'a str,
     pub event_version: &'a str,
-    pub payload: &'a Value,
-    pub metadata: &'a Value,
+    pub payload: Json<'a>,
+    pub metadata: Json<'a>,
     pub recorded_at: &'a str,
 }
 
@@ -58,8 +88,8 @@ impl<'a> From<&'a projections::StoredEvent> for EventFields<'a> {
             sequence: e.sequence,
             event_type: &e.event_type,
             event_version: &e.event_version,
-            payload: &e.payload,
-            metadata: &e.metadata,
+            payload: Json::Value(&e.payload),
+            metadata: Json::Value(&e.metadata),
             recorded_at: &e.recorded_at,
         }
     }
@@ -120,9 +150,201 @@ pub fn canonical_json(v: &Value) -> Vec<u8> {
     out
 }
 
-/// The bytes an event's hash is taken over (without the tag and `prev_hash`); exposed for tests.
-pub fn event_preimage(e: &EventFields<'_>, prev_hash: &Hash, out: &mut Vec<u8>) {
-    write_preimage(e, prev_hash, out, None);
+/// Append the canonical JSON of the JSON text `text` to `out`: the same bytes as parsing it
+/// into a `Value` and [`write_canonical_json`], or the same error. The sealer hashes every
+/// event as it is stored, and a `Value` costs an allocation per node and per key: this walks
+/// the parser's events instead, writing each object's members after `out`'s end and then
+/// putting them in key order.
+pub fn write_canonical_text(out: &mut Vec<u8>, text: &str) -> serde_json::Result<()> {
+    let start = out.len();
+    let mut de = serde_json::Deserializer::from_str(text);
+    let fast = Canonical { out: &mut *out }
+        .deserialize(&mut de)
+        .and_then(|()| de.end());
+    if fast.is_ok() {
+        return Ok(());
+    }
+    // Malformed text, or an object whose first key is one of serde_json's private tokens
+    // (which `Value` reads as a number or raw value, not as a member): do what `Value` does.
+    out.truncate(start);
+    let v: Value = serde_json::from_str(text)?;
+    write_canonical_json(out, &v);
+    Ok(())
+}
+
+/// Keys `Value` does not read as object members when they come first (serde_json's
+/// `arbitrary_precision` and `raw_value` tokens): such objects take the `Value` path.
+const PRIVATE_KEYS: [&str; 2] = [
+    "$serde_json::private::Number",
+    "$serde_json::private::RawValue",
+];
+
+/// Writes the canonical encoding of whatever the deserializer yields into `out`.
+struct Canonical<'o> {
+    out: &'o mut Vec<u8>,
+}
+
+impl<'de> DeserializeSeed<'de> for Canonical<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Canonical<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<(), E> {
+        self.out
+            .extend_from_slice(if v { b"true" } else { b"false" });
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<(), E> {
+        write_number(self.out, v.into());
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<(), E> {
+        write_number(self.out, v.into());
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<(), E> {
+        // As `Value` does: a float with no JSON form is null.
+        match serde_json::Number::from_f64(v) {
+            Some(n) => write_number(self.out, n),
+            None => self.out.extend_from_slice(b"null"),
+        }
+        Ok(())
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<(), E> {
+        write_string(self.out, v);
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        self.out.extend_from_slice(b"null");
+        Ok(())
+    }
+
+    fn visit_none<E>(self) -> Result<(), E> {
+        self.out.extend_from_slice(b"null");
+        Ok(())
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let out = self.out;
+        out.push(b'[');
+        let mut first = true;
+        loop {
+            let comma = out.len();
+            if !first {
+                out.push(b',');
+            }
+            if seq
+                .next_element_seed(Canonical { out: &mut *out })?
+                .is_none()
+            {
+                out.truncate(comma);
+                break;
+            }
+            first = false;
+        }
+        out.push(b']');
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let out = self.out;
+        let start = out.len();
+        // Each member's value is encoded after `start`; its key and byte range are kept.
+        let mut members: Vec<(Cow<'de, str>, usize, usize)> = Vec::new();
+        while let Some(key) = map.next_key_seed(Key)? {
+            if members.is_empty() && PRIVATE_KEYS.contains(&key.as_ref()) {
+                return Err(de::Error::custom("serde_json private token as first key"));
+            }
+            let from = out.len();
+            map.next_value_seed(Canonical { out: &mut *out })?;
+            members.push((key, from, out.len()));
+        }
+        // Stable, so that of equal keys the last one read stays last: a map keeps that one.
+        members.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+        let values = out.split_off(start);
+        out.push(b'{');
+        let mut first = true;
+        for (i, (key, from, to)) in members.iter().enumerate() {
+            if members.get(i + 1).is_some_and(|next| next.0 == *key) {
+                continue;
+            }
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            write_string(out, key);
+            out.push(b':');
+            out.extend_from_slice(&values[from - start..to - start]);
+        }
+        out.push(b'}');
+        Ok(())
+    }
+}
+
+fn write_number(out: &mut Vec<u8>, n: serde_json::Number) {
+    use std::io::Write;
+    // `Number`'s `Display` is what `write_canonical_json` prints; writing to a Vec cannot fail.
+    let _ = write!(out, "{n}");
+}
+
+/// An object key, borrowed from the text when it has no escapes.
+struct Key;
+
+impl<'de> DeserializeSeed<'de> for Key {
+    type Value = Cow<'de, str>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Key {
+    type Value = Cow<'de, str>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object key")
+    }
+
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Cow::Borrowed(v))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(v.to_owned()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(v))
+    }
+}
+
+/// The bytes an event's hash is taken over; exposed for tests. Fails only on text that is not
+/// JSON.
+pub fn event_preimage(
+    e: &EventFields<'_>,
+    prev_hash: &Hash,
+    out: &mut Vec<u8>,
+) -> serde_json::Result<()> {
+    write_preimage(e, prev_hash, out, None)
 }
 
 /// [`event_preimage`], and the [`payload_hash`] from the same canonical encoding if asked.
@@ -131,7 +353,7 @@ fn write_preimage(
     prev_hash: &Hash,
     out: &mut Vec<u8>,
     payload_hash: Option<&mut Hash>,
-) {
+) -> serde_json::Result<()> {
     out.clear();
     out.extend_from_slice(EVENT_TAG);
     put_i64(out, e.position);
@@ -141,16 +363,17 @@ fn write_preimage(
     put_bytes(out, e.event_type.as_bytes());
     put_bytes(out, e.event_version.as_bytes());
     let mut json = Vec::with_capacity(512);
-    write_canonical_json(&mut json, e.payload);
+    e.payload.write_canonical(&mut json)?;
     if let Some(hash) = payload_hash {
         *hash = Sha256::digest(&json).into();
     }
     put_bytes(out, &json);
     json.clear();
-    write_canonical_json(&mut json, e.metadata);
+    e.metadata.write_canonical(&mut json)?;
     put_bytes(out, &json);
     put_bytes(out, e.recorded_at.as_bytes());
     out.extend_from_slice(prev_hash);
+    Ok(())
 }
 
 /// Hashes events, reusing one buffer.
@@ -160,16 +383,21 @@ pub struct EventHasher {
 }
 
 impl EventHasher {
-    pub fn hash(&mut self, e: &EventFields<'_>, prev_hash: &Hash) -> Hash {
-        event_preimage(e, prev_hash, &mut self.buf);
-        Sha256::digest(&self.buf).into()
+    /// Fails only on text that is not JSON.
+    pub fn hash(&mut self, e: &EventFields<'_>, prev_hash: &Hash) -> serde_json::Result<Hash> {
+        event_preimage(e, prev_hash, &mut self.buf)?;
+        Ok(Sha256::digest(&self.buf).into())
     }
 
     /// The event's hash and its payload's ([`payload_hash`]), encoding the payload once.
-    pub fn hash_with_payload(&mut self, e: &EventFields<'_>, prev_hash: &Hash) -> (Hash, Hash) {
+    pub fn hash_with_payload(
+        &mut self,
+        e: &EventFields<'_>,
+        prev_hash: &Hash,
+    ) -> serde_json::Result<(Hash, Hash)> {
         let mut payload = ZERO;
-        write_preimage(e, prev_hash, &mut self.buf, Some(&mut payload));
-        (Sha256::digest(&self.buf).into(), payload)
+        write_preimage(e, prev_hash, &mut self.buf, Some(&mut payload))?;
+        Ok((Sha256::digest(&self.buf).into(), payload))
     }
 }
 
@@ -247,10 +475,14 @@ mod tests {
             sequence: 2,
             event_type: "TransactionAuthorized",
             event_version: "1.0",
-            payload,
-            metadata,
+            payload: payload.into(),
+            metadata: metadata.into(),
             recorded_at: "2026-01-01T00:00:00.000000Z",
         }
+    }
+
+    fn hash(h: &mut EventHasher, e: &EventFields<'_>, prev: &Hash) -> Hash {
+        h.hash(e, prev).unwrap()
     }
 
     #[test]
@@ -277,17 +509,173 @@ mod tests {
         );
     }
 
+    /// String contents: plain, escaped, astral, and serde_json's private tokens.
+    const PIECES: [&str; 15] = [
+        "a",
+        "B",
+        "to",
+        "é",
+        "😀",
+        "\\\"",
+        "\\\\",
+        "\\n",
+        "\\/",
+        "\\u00e9",
+        "\\ud83d\\ude00",
+        "\\u0000",
+        "\\t",
+        "$serde_json::private::Number",
+        "$serde_json::private::RawValue",
+    ];
+
+    /// JSON text as stores and exports may hold it: any key order, whitespace, escapes,
+    /// duplicate keys, number spellings, serde_json's private tokens as keys.
+    struct Gen(u64);
+
+    impl Gen {
+        fn next(&mut self) -> u64 {
+            // xorshift64*: deterministic, so a failure names its seed.
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+
+        fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+            items[(self.next() % items.len() as u64) as usize]
+        }
+
+        fn space(&mut self, out: &mut String) {
+            out.push_str(self.pick(&["", "", " ", "\n  ", "\t"]));
+        }
+
+        fn string(&mut self, out: &mut String) {
+            out.push('"');
+            for _ in 0..self.next() % 4 {
+                out.push_str(self.pick(&PIECES));
+            }
+            out.push('"');
+        }
+
+        fn value(&mut self, out: &mut String, depth: u32) {
+            self.space(out);
+            match self.next() % if depth > 4 { 4 } else { 7 } {
+                0 => out.push_str(self.pick(&["null", "true", "false"])),
+                1 => out.push_str(self.pick(&[
+                    "0",
+                    "-0",
+                    "7",
+                    "-12",
+                    "18446744073709551615",
+                    "18446744073709551616",
+                    "-9223372036854775808",
+                    "-9223372036854775809",
+                    "1.0",
+                    "0.1",
+                    "-2.5e-3",
+                    "1E+2",
+                    "1e308",
+                    "123456789012345678901234567890",
+                    "4.0e0",
+                ])),
+                2 | 3 => self.string(out),
+                4 => {
+                    out.push('[');
+                    for i in 0..self.next() % 4 {
+                        if i > 0 {
+                            out.push(',');
+                        }
+                        self.value(out, depth + 1);
+                    }
+                    self.space(out);
+                    out.push(']');
+                }
+                _ => {
+                    out.push('{');
+                    for i in 0..self.next() % 5 {
+                        if i > 0 {
+                            out.push(',');
+                        }
+                        self.space(out);
+                        // Few distinct keys, so that duplicates are common.
+                        if self.next() % 3 == 0 {
+                            self.string(out);
+                        } else {
+                            out.push_str(self.pick(&["\"a\"", "\"b\"", "\"\\u0061\"", "\"B\""]));
+                        }
+                        self.space(out);
+                        out.push(':');
+                        self.value(out, depth + 1);
+                    }
+                    self.space(out);
+                    out.push('}');
+                }
+            }
+            self.space(out);
+        }
+    }
+
+    fn via_value(text: &str) -> Result<Vec<u8>, String> {
+        serde_json::from_str::<Value>(text)
+            .map(|v| canonical_json(&v))
+            .map_err(|e| e.to_string())
+    }
+
+    fn via_text(text: &str) -> Result<Vec<u8>, String> {
+        let mut out = b"kept".to_vec();
+        write_canonical_text(&mut out, text).map_err(|e| e.to_string())?;
+        assert_eq!(&out[..4], b"kept", "what was in the buffer stays");
+        Ok(out.split_off(4))
+    }
+
+    #[test]
+    fn text_encodes_to_the_same_bytes_as_its_value() {
+        let mut gen = Gen(0x9E37_79B9_7F4A_7C15);
+        for seed in 0..20_000 {
+            let mut text = String::new();
+            gen.value(&mut text, 0);
+            assert_eq!(via_text(&text), via_value(&text), "seed {seed}: {text}");
+            // Cut short or with trailing bytes: the same error as `Value`'s.
+            let cut = &text[..text.floor_char_boundary(text.len() * 2 / 3)];
+            assert_eq!(via_text(cut), via_value(cut), "seed {seed}, cut: {cut}");
+            let trailing = format!("{text} x");
+            assert_eq!(
+                via_text(&trailing),
+                via_value(&trailing),
+                "seed {seed}, trailing"
+            );
+        }
+        for text in [
+            r#"{"b":1,"a":2,"b":3}"#,
+            r#"{"$serde_json::private::RawValue":"[1, 2]"}"#,
+            r#"{"$serde_json::private::Number":"1.50"}"#,
+            r#"{"x":{"$serde_json::private::RawValue":"{\"b\":1,\"a\":0}"}}"#,
+            r#"{"a":1,"$serde_json::private::RawValue":"2"}"#,
+            "[1e400]",
+            "\"\\ud800\"",
+            "",
+        ] {
+            assert_eq!(via_text(text), via_value(text), "{text}");
+        }
+        assert_eq!(
+            via_text(r#"{"b":1,"a":2,"b":3}"#).unwrap(),
+            br#"{"a":2,"b":3}"#
+        );
+    }
+
     #[test]
     fn the_sealers_one_pass_gives_both_hashes() {
         let payload = json!({"TransactionPrepared": {"b": 1, "a": [true, null]}});
         let metadata = json!({"actor": "u1"});
         let prev = [7u8; 32];
         let mut h = EventHasher::default();
-        let both = h.hash_with_payload(&fields(&payload, &metadata), &prev);
+        let both = h
+            .hash_with_payload(&fields(&payload, &metadata), &prev)
+            .unwrap();
         assert_eq!(
             both,
             (
-                h.hash(&fields(&payload, &metadata), &prev),
+                hash(&mut h, &fields(&payload, &metadata), &prev),
                 payload_hash(&payload)
             )
         );
@@ -298,67 +686,74 @@ mod tests {
         let payload = json!({"TransactionAuthorized": {"authorized_by": "u1"}});
         let metadata = json!({"actor": "u1"});
         let mut h = EventHasher::default();
-        let base = h.hash(&fields(&payload, &metadata), &ZERO);
+        let base = hash(&mut h, &fields(&payload, &metadata), &ZERO);
         assert_eq!(
             base,
-            h.hash(&fields(&payload, &metadata), &ZERO),
+            hash(&mut h, &fields(&payload, &metadata), &ZERO),
             "deterministic"
         );
         let other_payload = json!({"TransactionAuthorized": {"authorized_by": "u2"}});
         let other_meta = json!({"actor": "u2"});
         let variants: Vec<Hash> = vec![
-            h.hash(
+            hash(
+                &mut h,
                 &EventFields {
                     position: 8,
                     ..fields(&payload, &metadata)
                 },
                 &ZERO,
             ),
-            h.hash(
+            hash(
+                &mut h,
                 &EventFields {
                     aggregate_type: "User",
                     ..fields(&payload, &metadata)
                 },
                 &ZERO,
             ),
-            h.hash(
+            hash(
+                &mut h,
                 &EventFields {
                     aggregate_id: "t2",
                     ..fields(&payload, &metadata)
                 },
                 &ZERO,
             ),
-            h.hash(
+            hash(
+                &mut h,
                 &EventFields {
                     sequence: 3,
                     ..fields(&payload, &metadata)
                 },
                 &ZERO,
             ),
-            h.hash(
+            hash(
+                &mut h,
                 &EventFields {
                     event_type: "X",
                     ..fields(&payload, &metadata)
                 },
                 &ZERO,
             ),
-            h.hash(
+            hash(
+                &mut h,
                 &EventFields {
                     event_version: "1.1",
                     ..fields(&payload, &metadata)
                 },
                 &ZERO,
             ),
-            h.hash(&fields(&other_payload, &metadata), &ZERO),
-            h.hash(&fields(&payload, &other_meta), &ZERO),
-            h.hash(
+            hash(&mut h, &fields(&other_payload, &metadata), &ZERO),
+            hash(&mut h, &fields(&payload, &other_meta), &ZERO),
+            hash(
+                &mut h,
                 &EventFields {
                     recorded_at: "2026-01-01T00:00:00.000001Z",
                     ..fields(&payload, &metadata)
                 },
                 &ZERO,
             ),
-            h.hash(&fields(&payload, &metadata), &[1u8; 32]),
+            hash(&mut h, &fields(&payload, &metadata), &[1u8; 32]),
         ];
         for (i, v) in variants.iter().enumerate() {
             assert_ne!(*v, base, "variant {i} did not change the hash");
@@ -370,7 +765,8 @@ mod tests {
         let p = json!({});
         let m = json!({});
         let mut h = EventHasher::default();
-        let a = h.hash(
+        let a = hash(
+            &mut h,
             &EventFields {
                 aggregate_type: "ab",
                 aggregate_id: "c",
@@ -378,7 +774,8 @@ mod tests {
             },
             &ZERO,
         );
-        let b = h.hash(
+        let b = hash(
+            &mut h,
             &EventFields {
                 aggregate_type: "a",
                 aggregate_id: "bc",

@@ -12,7 +12,6 @@ use std::sync::Arc;
 
 use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 use rand::RngCore;
-use serde_json::Value;
 use tokio::sync::Mutex;
 use zeroize::Zeroizing;
 
@@ -140,8 +139,9 @@ struct SealInput {
     sequence: i64,
     event_type: String,
     event_version: String,
-    payload: Value,
-    metadata: Value,
+    /// As stored (`json` read as text on PostgreSQL): hashed without parsing it into a `Value`.
+    payload: String,
+    metadata: String,
     recorded_at: String,
     prev_hash: Option<Vec<u8>>,
 }
@@ -182,15 +182,18 @@ pub(crate) const CHECKPOINT_COLUMNS: &str =
     "seq, position, event_count, accumulator, prev_checkpoint_hash, key_id, signature, signed_at";
 
 fn seal_input_sql(backend: Backend) -> String {
-    let recorded_at = match backend {
-        Backend::Postgres => {
-            "to_char(e.recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
-        }
-        Backend::Sqlite => "e.recorded_at",
+    let (recorded_at, payload, metadata) = match backend {
+        Backend::Postgres => (
+            "to_char(e.recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+            "e.payload::text",
+            "e.metadata::text",
+        ),
+        Backend::Sqlite => ("e.recorded_at", "e.payload", "e.metadata"),
     };
     format!(
         "SELECT e.position, e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, \
-         e.event_version, e.payload, e.metadata, {recorded_at} AS recorded_at, ps.hash AS prev_hash \
+         e.event_version, {payload} AS payload, {metadata} AS metadata, \
+         {recorded_at} AS recorded_at, ps.hash AS prev_hash \
          FROM events e \
          LEFT JOIN events p ON p.aggregate_type = e.aggregate_type \
            AND p.aggregate_id = e.aggregate_id AND p.sequence = e.sequence - 1 \
@@ -373,11 +376,17 @@ impl Sealer {
                     sequence: row.sequence,
                     event_type: &row.event_type,
                     event_version: &row.event_version,
-                    payload: &row.payload,
-                    metadata: &row.metadata,
+                    payload: canonical::Json::Text(&row.payload),
+                    metadata: canonical::Json::Text(&row.metadata),
                     recorded_at: &row.recorded_at,
                 };
-                let (hash, payload_hash) = hasher.hash_with_payload(&fields, &prev);
+                let (hash, payload_hash) =
+                    hasher.hash_with_payload(&fields, &prev).map_err(|e| {
+                        AuditError::Corrupt(format!(
+                            "event at position {} is not JSON: {e}",
+                            row.position
+                        ))
+                    })?;
                 acc = accumulate(&acc, &hash);
                 count += 1;
                 heads.insert(key, hash);

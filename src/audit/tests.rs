@@ -58,7 +58,7 @@ fn seal(events: &[StoredEvent], every: usize) -> (Vec<Seal>, Vec<Checkpoint>) {
     let mut prev_cp = ZERO;
     for (i, e) in events.iter().enumerate() {
         let prev = heads.get(&e.aggregate_id).copied().unwrap_or(ZERO);
-        let hash = hasher.hash(&e.into(), &prev);
+        let hash = hasher.hash(&e.into(), &prev).unwrap();
         acc = accumulate(&acc, &hash);
         heads.insert(e.aggregate_id.clone(), hash);
         seals.push(Seal {

@@ -448,7 +448,10 @@ impl Verifier {
         }
         // An unsealed predecessor cannot happen here (it would have been reported as forged).
         let prev = prev.unwrap_or(ZERO);
-        let hash = self.hasher.hash(&(&event).into(), &prev);
+        let hash = self.hasher.hash(&(&event).into(), &prev).map_err(|e| {
+            Problem::malformed(format!("event at position {position} is not JSON: {e}"))
+                .at(position)
+        })?;
         if hash != seal.hash {
             let problem = if canonical::payload_hash(&event.payload) != seal.payload_hash {
                 here(
