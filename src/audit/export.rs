@@ -16,12 +16,12 @@
 use std::io::{BufRead, Write};
 
 use ed25519_dalek::VerifyingKey;
-use projections::StoredEvent;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use super::canonical::Hash;
 use super::store::DbRecords;
-use super::verify::{Checkpoint, Problem, Record, Report, Seal, Verifier};
+use super::verify::{AuditEvent, Checkpoint, Problem, Record, Report, Seal, Verifier};
 use super::AuditError;
 use crate::store::Db;
 
@@ -43,9 +43,12 @@ enum Line {
         exported_at: String,
         public_keys: Vec<PublicKeyInfo>,
     },
+    /// Read as an [`EventLine`] instead: a flattened struct is read through serde's buffer,
+    /// which costs more than the event and cannot hold raw JSON.
+    #[serde(skip_deserializing)]
     Event {
         #[serde(flatten)]
-        event: StoredEvent,
+        event: AuditEvent,
         seal: Option<Seal>,
     },
     Seal {
@@ -57,6 +60,50 @@ enum Line {
         records: u64,
     },
 }
+
+/// An event line as read: [`AuditEvent`]'s fields and the seal (`type` is known already).
+#[derive(Deserialize)]
+struct EventLine {
+    position: i64,
+    aggregate_type: String,
+    aggregate_id: String,
+    sequence: i64,
+    event_type: String,
+    event_version: String,
+    payload: Box<RawValue>,
+    metadata: Box<RawValue>,
+    recorded_at: String,
+    seal: Option<Seal>,
+}
+
+impl From<EventLine> for Line {
+    fn from(l: EventLine) -> Self {
+        Line::Event {
+            event: AuditEvent {
+                position: l.position,
+                aggregate_type: l.aggregate_type,
+                aggregate_id: l.aggregate_id,
+                sequence: l.sequence,
+                event_type: l.event_type,
+                event_version: l.event_version,
+                payload: Box::<str>::from(l.payload).into_string(),
+                metadata: Box::<str>::from(l.metadata).into_string(),
+                recorded_at: l.recorded_at,
+            },
+            seal: l.seal,
+        }
+    }
+}
+
+/// The type of a line, for lines that do not start the way `export` writes event lines.
+#[derive(Deserialize)]
+struct LineType {
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+/// How `export` starts every event line: such a line is read once, as an [`EventLine`].
+const EVENT_LINE_START: &str = r#"{"type":"event","#;
 
 /// Write every audit record of `db` to `out`. Returns the number of records.
 pub async fn export(
@@ -132,7 +179,14 @@ pub fn verify_file(
             )));
             break;
         }
-        let parsed: Line = match serde_json::from_str(&line) {
+        let is_event = line.starts_with(EVENT_LINE_START)
+            || serde_json::from_str::<LineType>(&line).is_ok_and(|l| l.kind == "event");
+        let parsed = if is_event {
+            serde_json::from_str::<EventLine>(&line).map(Line::from)
+        } else {
+            serde_json::from_str::<Line>(&line)
+        };
+        let parsed = match parsed {
             Ok(l) => l,
             Err(e) => {
                 verifier.fail(Problem::malformed(format!(

@@ -16,7 +16,8 @@ use tokio::sync::Mutex;
 use zeroize::Zeroizing;
 
 use super::canonical::{self, accumulate, CheckpointFields, EventHasher, Hash, ZERO};
-use super::verify::{key_id, Checkpoint, Seal};
+use super::store::event_text_columns;
+use super::verify::{key_id, AuditEvent, Checkpoint, Seal};
 use super::AuditError;
 use crate::crypto::{MasterKey, Purpose};
 use crate::store::{with_pool, Backend, Db};
@@ -133,16 +134,9 @@ pub async fn trusted_keys(
 
 #[derive(sqlx::FromRow)]
 struct SealInput {
-    position: i64,
-    aggregate_type: String,
-    aggregate_id: String,
-    sequence: i64,
-    event_type: String,
-    event_version: String,
-    /// As stored (`json` read as text on PostgreSQL): hashed without parsing it into a `Value`.
-    payload: String,
-    metadata: String,
-    recorded_at: String,
+    /// Payload and metadata as stored: hashed without parsing them into a `Value`.
+    #[sqlx(flatten)]
+    event: AuditEvent,
     prev_hash: Option<Vec<u8>>,
 }
 
@@ -182,23 +176,14 @@ pub(crate) const CHECKPOINT_COLUMNS: &str =
     "seq, position, event_count, accumulator, prev_checkpoint_hash, key_id, signature, signed_at";
 
 fn seal_input_sql(backend: Backend) -> String {
-    let (recorded_at, payload, metadata) = match backend {
-        Backend::Postgres => (
-            "to_char(e.recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
-            "e.payload::text",
-            "e.metadata::text",
-        ),
-        Backend::Sqlite => ("e.recorded_at", "e.payload", "e.metadata"),
-    };
     format!(
-        "SELECT e.position, e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, \
-         e.event_version, {payload} AS payload, {metadata} AS metadata, \
-         {recorded_at} AS recorded_at, ps.hash AS prev_hash \
+        "SELECT {}, ps.hash AS prev_hash \
          FROM events e \
          LEFT JOIN events p ON p.aggregate_type = e.aggregate_type \
            AND p.aggregate_id = e.aggregate_id AND p.sequence = e.sequence - 1 \
          LEFT JOIN event_seals ps ON ps.position = p.position \
-         WHERE e.position > $1 ORDER BY e.position LIMIT $2"
+         WHERE e.position > $1 ORDER BY e.position LIMIT $2",
+        event_text_columns(backend)
     )
 }
 
@@ -348,7 +333,7 @@ impl Sealer {
                 .bind(BATCH)
                 .fetch_all(&mut *tx)
                 .await?;
-            let Some(position) = rows.last().map(|r| r.position) else {
+            let Some(position) = rows.last().map(|r| r.event.position) else {
                 tx.rollback().await?;
                 return Ok(Sealed {
                     position: after,
@@ -359,34 +344,28 @@ impl Sealer {
             let mut hasher = EventHasher::default();
             let mut heads: HashMap<(String, String), Hash> = HashMap::new();
             let mut seals: Vec<(i64, Seal)> = Vec::with_capacity(rows.len());
-            for row in rows {
+            for SealInput {
+                event: row,
+                prev_hash,
+            } in rows
+            {
                 let key = (row.aggregate_type.clone(), row.aggregate_id.clone());
                 let prev = match heads.get(&key) {
                     Some(h) => *h,
-                    None => row
-                        .prev_hash
+                    None => prev_hash
                         .as_deref()
                         .and_then(canonical::hash_from_slice)
                         .unwrap_or(ZERO),
                 };
-                let fields = canonical::EventFields {
-                    position: row.position,
-                    aggregate_type: &row.aggregate_type,
-                    aggregate_id: &row.aggregate_id,
-                    sequence: row.sequence,
-                    event_type: &row.event_type,
-                    event_version: &row.event_version,
-                    payload: canonical::Json::Text(&row.payload),
-                    metadata: canonical::Json::Text(&row.metadata),
-                    recorded_at: &row.recorded_at,
-                };
                 let (hash, payload_hash) =
-                    hasher.hash_with_payload(&fields, &prev).map_err(|e| {
-                        AuditError::Corrupt(format!(
-                            "event at position {} is not JSON: {e}",
-                            row.position
-                        ))
-                    })?;
+                    hasher
+                        .hash_with_payload(&row.fields(), &prev)
+                        .map_err(|e| {
+                            AuditError::Corrupt(format!(
+                                "event at position {} is not JSON: {e}",
+                                row.position
+                            ))
+                        })?;
                 acc = accumulate(&acc, &hash);
                 count += 1;
                 heads.insert(key, hash);

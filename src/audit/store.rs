@@ -8,7 +8,7 @@ use projections::StoredEvent;
 
 use super::canonical::{self, Hash};
 use super::sealer::{CheckpointRow, CHECKPOINT_COLUMNS};
-use super::verify::{Checkpoint, Record, Seal};
+use super::verify::{AuditEvent, Checkpoint, Record, Seal};
 use super::AuditError;
 use crate::projector::EventRow;
 use crate::store::{with_pool, Backend, Db};
@@ -27,6 +27,19 @@ pub(crate) fn event_columns(backend: Backend) -> &'static str {
             "e.position, e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, \
              e.event_version, e.payload, e.metadata, e.recorded_at"
         }
+    }
+}
+
+/// [`event_columns`] with payload and metadata as the text they are stored as (`json` on
+/// PostgreSQL), for the readers that hash them ([`AuditEvent`]): the sealer and [`DbRecords`].
+pub(crate) fn event_text_columns(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Postgres => {
+            "e.position, e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, \
+             e.event_version, e.payload::text AS payload, e.metadata::text AS metadata, \
+             to_char(e.recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') AS recorded_at"
+        }
+        Backend::Sqlite => event_columns(backend),
     }
 }
 
@@ -69,7 +82,7 @@ impl TryFrom<SealRow> for Seal {
 /// merged by position) with each checkpoint after the last position it covers.
 pub struct DbRecords {
     db: Db,
-    events: VecDeque<StoredEvent>,
+    events: VecDeque<AuditEvent>,
     seals: VecDeque<(i64, Seal)>,
     checkpoints: VecDeque<Checkpoint>,
     event_cursor: Option<i64>,
@@ -96,9 +109,9 @@ impl DbRecords {
             if let Some(after) = self.event_cursor {
                 let sql = format!(
                     "SELECT {} FROM events e WHERE e.position > $1 ORDER BY e.position LIMIT $2",
-                    event_columns(backend)
+                    event_text_columns(backend)
                 );
-                let rows: Vec<EventRow> = with_pool!(&self.db, |pool| sqlx::query_as(&sql)
+                let rows: Vec<AuditEvent> = with_pool!(&self.db, |pool| sqlx::query_as(&sql)
                     .bind(after)
                     .bind(PAGE)
                     .fetch_all(pool)
@@ -106,7 +119,7 @@ impl DbRecords {
                 self.event_cursor = (rows.len() as i64 == PAGE)
                     .then(|| rows.last().map(|r| r.position))
                     .flatten();
-                self.events.extend(rows.into_iter().map(StoredEvent::from));
+                self.events.extend(rows);
             }
         }
         if self.seals.is_empty() {
