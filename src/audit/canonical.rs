@@ -79,22 +79,6 @@ pub struct EventFields<'a> {
     pub recorded_at: &'a str,
 }
 
-impl<'a> From<&'a projections::StoredEvent> for EventFields<'a> {
-    fn from(e: &'a projections::StoredEvent) -> Self {
-        Self {
-            position: e.position,
-            aggregate_type: &e.aggregate_type,
-            aggregate_id: &e.aggregate_id,
-            sequence: e.sequence,
-            event_type: &e.event_type,
-            event_version: &e.event_version,
-            payload: Json::Value(&e.payload),
-            metadata: Json::Value(&e.metadata),
-            recorded_at: &e.recorded_at,
-        }
-    }
-}
-
 fn put_i64(out: &mut Vec<u8>, n: i64) {
     out.extend_from_slice(&n.to_be_bytes());
 }

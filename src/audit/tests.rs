@@ -7,7 +7,7 @@ use ed25519_dalek::{Signer, SigningKey};
 use projections::StoredEvent;
 use serde_json::json;
 
-use super::canonical::{self, accumulate, CheckpointFields, EventHasher, Hash, ZERO};
+use super::canonical::{self, accumulate, CheckpointFields, EventFields, EventHasher, Hash, ZERO};
 use super::verify::{
     key_id, verify_records, AuditEvent, Checkpoint, ProblemKind, Record, Report, Seal,
 };
@@ -60,7 +60,14 @@ fn seal(events: &[StoredEvent], every: usize) -> (Vec<Seal>, Vec<Checkpoint>) {
     let mut prev_cp = ZERO;
     for (i, e) in events.iter().enumerate() {
         let prev = heads.get(&e.aggregate_id).copied().unwrap_or(ZERO);
-        let hash = hasher.hash(&e.into(), &prev).unwrap();
+        // Sealed from parsed values, verified from text (`as_read`): the two must hash alike.
+        let read = as_read(e);
+        let fields = EventFields {
+            payload: (&e.payload).into(),
+            metadata: (&e.metadata).into(),
+            ..read.fields()
+        };
+        let hash = hasher.hash(&fields, &prev).unwrap();
         acc = accumulate(&acc, &hash);
         heads.insert(e.aggregate_id.clone(), hash);
         seals.push(Seal {
