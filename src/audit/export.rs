@@ -137,7 +137,14 @@ pub async fn export(
             Record::Event { .. } => continue,
             Record::Checkpoint(cp) => Line::Checkpoint(cp),
         };
-        write_line(out, &line)?;
+        write_line(out, &line).map_err(|e| match (e, &line) {
+            // An event's stored JSON that is not JSON (edited into something else): say which.
+            (AuditError::Corrupt(e), Line::Event { event, .. }) => AuditError::Corrupt(format!(
+                "event at position {}: payload or metadata is not JSON: {e}",
+                event.position
+            )),
+            (e, _) => e,
+        })?;
         count += 1;
     }
     write_line(out, &Line::End { records: count })?;
@@ -146,7 +153,13 @@ pub async fn export(
 }
 
 fn write_line(out: &mut impl Write, line: &Line) -> Result<(), AuditError> {
-    serde_json::to_writer(&mut *out, line).map_err(|e| AuditError::Io(e.to_string()))?;
+    serde_json::to_writer(&mut *out, line).map_err(|e| {
+        if e.is_io() {
+            AuditError::Io(e.to_string())
+        } else {
+            AuditError::Corrupt(e.to_string())
+        }
+    })?;
     out.write_all(b"\n")?;
     Ok(())
 }

@@ -401,6 +401,41 @@ async fn tampering_with_sealed_history_is_detected_and_located(backend: Backend)
     db.close().await;
     copy.drop_db().await;
 
+    // 7. A payload that is no longer JSON at all (SQLite stores any text; PostgreSQL's `json`
+    // column refuses it): verification names the event, and so does an export, which fails
+    // rather than write a file that cannot be read back.
+    if backend == Backend::Sqlite {
+        let copy = Copy::of(&app).await;
+        let db = Db::connect(&copy.url).await.unwrap();
+        disable_protections(&db).await;
+        exec(
+            &db,
+            &format!(
+                "UPDATE events SET payload = '{{\"TransactionRejected\": ' WHERE position = {}",
+                target.position
+            ),
+        )
+        .await;
+        let report = verify(&db).await;
+        assert_problem(
+            &report,
+            ProblemKind::Malformed,
+            target.position,
+            "payload not JSON",
+        );
+        db.close().await;
+        let dir = tempfile::tempdir().unwrap();
+        let (ok, out) = run(countersign(&copy.url)
+            .args(["audit", "export", "--out"])
+            .arg(dir.path().join("history.jsonl")));
+        assert!(!ok, "{out}");
+        assert!(
+            out.contains(&format!("event at position {}", target.position)),
+            "{out}"
+        );
+        copy.drop_db().await;
+    }
+
     // And through the API: an auditor sees the break on the live server.
     let db = Db::connect(&app.store.url).await.unwrap();
     disable_protections(&db).await;
