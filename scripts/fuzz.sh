@@ -14,7 +14,7 @@ cd "$(dirname "$0")/../fuzz"
 seconds="${1:-45}"
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(decode_request transaction_commands)
+[ ${#targets[@]} -gt 0 ] || targets=(decode_request transaction_commands canonical_json)
 
 if ! command -v cargo-fuzz >/dev/null; then
   cargo install cargo-fuzz --locked --version 0.13.2
