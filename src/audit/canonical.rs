@@ -39,32 +39,6 @@ const EVENT_TAG: &[u8] = b"countersign/event/v1";
 const CHECKPOINT_TAG: &[u8] = b"countersign/checkpoint/v1";
 const CHECKPOINT_HASH_TAG: &[u8] = b"countersign/checkpoint-hash/v1";
 
-/// A JSON document as the hash reads it: parsed, or as stored text. Both encode to the same
-/// canonical bytes; text is encoded without building a `Value` (see [`write_canonical_text`]).
-#[derive(Debug, Clone, Copy)]
-pub enum Json<'a> {
-    Value(&'a Value),
-    Text(&'a str),
-}
-
-impl<'a> From<&'a Value> for Json<'a> {
-    fn from(v: &'a Value) -> Self {
-        Self::Value(v)
-    }
-}
-
-impl Json<'_> {
-    fn write_canonical(self, out: &mut Vec<u8>) -> serde_json::Result<()> {
-        match self {
-            Self::Value(v) => {
-                write_canonical_json(out, v);
-                Ok(())
-            }
-            Self::Text(t) => write_canonical_text(out, t),
-        }
-    }
-}
-
 /// The fields of a stored event that its hash covers.
 #[derive(Debug, Clone, Copy)]
 pub struct EventFields<'a> {
@@ -74,8 +48,9 @@ pub struct EventFields<'a> {
     pub sequence: i64,
     pub event_type: &'a str,
     pub event_version: &'a str,
-    pub payload: Json<'a>,
-    pub metadata: Json<'a>,
+    /// Payload and metadata as stored JSON text, encoded by [`write_canonical_text`].
+    pub payload: &'a str,
+    pub metadata: &'a str,
     pub recorded_at: &'a str,
 }
 
@@ -347,13 +322,13 @@ fn write_preimage(
     put_bytes(out, e.event_type.as_bytes());
     put_bytes(out, e.event_version.as_bytes());
     let mut json = Vec::with_capacity(512);
-    e.payload.write_canonical(&mut json)?;
+    write_canonical_text(&mut json, e.payload)?;
     if let Some(hash) = payload_hash {
         *hash = Sha256::digest(&json).into();
     }
     put_bytes(out, &json);
     json.clear();
-    e.metadata.write_canonical(&mut json)?;
+    write_canonical_text(&mut json, e.metadata)?;
     put_bytes(out, &json);
     put_bytes(out, e.recorded_at.as_bytes());
     out.extend_from_slice(prev_hash);
@@ -387,9 +362,9 @@ impl EventHasher {
 
 /// SHA-256 of a payload's canonical JSON: lets a verifier say *what* changed in an event.
 /// Fails only on text that is not JSON.
-pub fn payload_hash(payload: Json<'_>) -> serde_json::Result<Hash> {
+pub fn payload_hash(payload: &str) -> serde_json::Result<Hash> {
     let mut json = Vec::with_capacity(512);
-    payload.write_canonical(&mut json)?;
+    write_canonical_text(&mut json, payload)?;
     Ok(Sha256::digest(&json).into())
 }
 
@@ -454,7 +429,7 @@ mod tests {
 
     use super::*;
 
-    fn fields<'a>(payload: &'a Value, metadata: &'a Value) -> EventFields<'a> {
+    fn fields<'a>(payload: &'a str, metadata: &'a str) -> EventFields<'a> {
         EventFields {
             position: 7,
             aggregate_type: "Transaction",
@@ -462,8 +437,8 @@ mod tests {
             sequence: 2,
             event_type: "TransactionAuthorized",
             event_version: "1.0",
-            payload: payload.into(),
-            metadata: metadata.into(),
+            payload,
+            metadata,
             recorded_at: "2026-01-01T00:00:00.000000Z",
         }
     }
@@ -652,8 +627,8 @@ mod tests {
 
     #[test]
     fn the_sealers_one_pass_gives_both_hashes() {
-        let payload = json!({"TransactionPrepared": {"b": 1, "a": [true, null]}});
-        let metadata = json!({"actor": "u1"});
+        let payload = json!({"TransactionPrepared": {"b": 1, "a": [true, null]}}).to_string();
+        let metadata = json!({"actor": "u1"}).to_string();
         let prev = [7u8; 32];
         let mut h = EventHasher::default();
         let both = h
@@ -663,15 +638,15 @@ mod tests {
             both,
             (
                 hash(&mut h, &fields(&payload, &metadata), &prev),
-                payload_hash((&payload).into()).unwrap()
+                payload_hash(&payload).unwrap()
             )
         );
     }
 
     #[test]
     fn every_field_and_the_previous_link_change_the_hash() {
-        let payload = json!({"TransactionAuthorized": {"authorized_by": "u1"}});
-        let metadata = json!({"actor": "u1"});
+        let payload = json!({"TransactionAuthorized": {"authorized_by": "u1"}}).to_string();
+        let metadata = json!({"actor": "u1"}).to_string();
         let mut h = EventHasher::default();
         let base = hash(&mut h, &fields(&payload, &metadata), &ZERO);
         assert_eq!(
@@ -679,8 +654,8 @@ mod tests {
             hash(&mut h, &fields(&payload, &metadata), &ZERO),
             "deterministic"
         );
-        let other_payload = json!({"TransactionAuthorized": {"authorized_by": "u2"}});
-        let other_meta = json!({"actor": "u2"});
+        let other_payload = json!({"TransactionAuthorized": {"authorized_by": "u2"}}).to_string();
+        let other_meta = json!({"actor": "u2"}).to_string();
         let variants: Vec<Hash> = vec![
             hash(
                 &mut h,
@@ -749,8 +724,8 @@ mod tests {
 
     #[test]
     fn length_prefixes_keep_fields_apart() {
-        let p = json!({});
-        let m = json!({});
+        let p = json!({}).to_string();
+        let m = json!({}).to_string();
         let mut h = EventHasher::default();
         let a = hash(
             &mut h,

@@ -15,9 +15,7 @@ use std::time::Instant;
 use ed25519_dalek::{Signature, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
-use super::canonical::{
-    self, accumulate, CheckpointFields, EventFields, EventHasher, Hash, Json, ZERO,
-};
+use super::canonical::{self, accumulate, CheckpointFields, EventFields, EventHasher, Hash, ZERO};
 
 /// Hex (de)serialization of hashes and byte strings.
 pub mod hex_bytes {
@@ -125,8 +123,8 @@ impl AuditEvent {
             sequence: self.sequence,
             event_type: &self.event_type,
             event_version: &self.event_version,
-            payload: Json::Text(&self.payload),
-            metadata: Json::Text(&self.metadata),
+            payload: &self.payload,
+            metadata: &self.metadata,
             recorded_at: &self.recorded_at,
         }
     }
@@ -513,7 +511,7 @@ impl Verifier {
         let same_aggregate =
             seal.aggregate_type == event.aggregate_type && seal.aggregate_id == event.aggregate_id;
         // Only consulted when something is off: it costs a second encoding of the payload.
-        let payload_hash = || canonical::payload_hash(Json::Text(&event.payload)).ok();
+        let payload_hash = || canonical::payload_hash(&event.payload).ok();
         let same_content =
             seal.sequence == event.sequence || payload_hash() == Some(seal.payload_hash);
         if !same_aggregate || !same_content {
