@@ -8,7 +8,8 @@
 //!   a second connection (every event up to the head read under the lock is committed, so any
 //!   later snapshot sees them all), on SQLite in pages inside the rebuild's transaction;
 //! - each payload is decoded from its stored JSON text straight into its typed event (no
-//!   intermediate `Value`; older shapes are upcast first, as everywhere else);
+//!   intermediate `Value`; older shapes are upcast first, as everywhere else) and folded into
+//!   its document where it lies in memory (no move of the document per event);
 //! - documents are folded in memory and written once, in bulk. On PostgreSQL a `COPY … FROM
 //!   STDIN (FORMAT binary)` into an unindexed staging table stays open while events stream in:
 //!   a document goes into it as soon as it settles (a transaction in a terminal status), so the
@@ -78,6 +79,11 @@ fn slot(kind: ViewKind) -> usize {
     }
 }
 
+/// Maps keyed by aggregate id. foldhash (seeded per process) rather than SipHash: hashing ids
+/// and growing these maps was a tenth of the fold's time.
+type Map<V> = HashMap<String, V, foldhash::fast::RandomState>;
+type Set = HashSet<String, foldhash::fast::RandomState>;
+
 /// A document being rebuilt.
 struct Held {
     state: ViewState,
@@ -111,10 +117,10 @@ pub(crate) struct Folder {
     only: Option<ViewKind>,
     max_documents: usize,
     /// Boxed: the maps grow and are drained by moving entries, which should be pointers.
-    docs: [HashMap<String, Box<Held>>; 4],
+    docs: [Map<Box<Held>>; 4],
     /// Documents written out to bound memory: only these can exist in the table (it was
     /// emptied), so only these are ever looked up.
-    written_out: [HashSet<String>; 4],
+    written_out: [Set; 4],
     held: usize,
     pub(crate) events: i64,
     /// Documents read back after being written out early.
@@ -202,25 +208,31 @@ impl Folder {
         let Some(kind) = self.kind_of(&event) else {
             return Ok(());
         };
-        let (id, current) = match self.docs[slot(kind)].remove_entry(event.aggregate_id) {
-            Some((id, held)) => (id, Some(held)),
-            None => {
-                self.held += 1;
-                let id = event.aggregate_id.to_owned();
-                let current = if self.written_out[slot(kind)].contains(&id) {
-                    self.reloaded += 1;
-                    let head = EventHead {
-                        position: event.position,
-                        event_type: event.event_type,
-                    };
-                    sink.load(kind, &id, head).await?
-                } else {
-                    None
-                };
-                (id, current)
-            }
+        let touched = self.events as u64;
+        if let Some(held) = self.docs[slot(kind)].get_mut(event.aggregate_id) {
+            update(&self.upcasters, held, &event, touched)?;
+            return Ok(());
+        }
+        self.held += 1;
+        let id = event.aggregate_id.to_owned();
+        let loaded = if self.written_out[slot(kind)].contains(&id) {
+            self.reloaded += 1;
+            let head = EventHead {
+                position: event.position,
+                event_type: event.event_type,
+            };
+            sink.load(kind, &id, head).await?
+        } else {
+            None
         };
-        self.apply(kind, id, current, &event)?;
+        let held = match loaded {
+            Some(mut held) => {
+                update(&self.upcasters, &mut held, &event, touched)?;
+                held
+            }
+            None => create(&self.upcasters, kind, &event, touched)?,
+        };
+        self.docs[slot(kind)].insert(id, held);
         if self.held > self.max_documents {
             sink.keyed().await?;
             let leaving = self.take_out(true);
@@ -237,23 +249,30 @@ impl Folder {
         let Some(kind) = self.kind_of(&event) else {
             return Ok(false);
         };
-        let (id, current) = match self.docs[slot(kind)].remove_entry(event.aggregate_id) {
-            Some((id, held)) => (id, Some(held)),
-            None if self.written_out[slot(kind)].contains(event.aggregate_id) => {
-                self.late.push(OwnedEvent::of(&event));
-                return Ok(self.late.len() > self.max_documents);
-            }
-            None => {
-                self.held += 1;
-                (event.aggregate_id.to_owned(), None)
-            }
-        };
-        let settled = self.apply(kind, id.clone(), current, &event)?;
-        if settled {
-            if let Some(held) = self.docs[slot(kind)].remove(&id) {
+        let touched = self.events as u64;
+        let map = &mut self.docs[slot(kind)];
+        if let Some(held) = map.get_mut(event.aggregate_id) {
+            let settled = update(&self.upcasters, held, &event, touched)?;
+            if let Some((id, held)) = settled
+                .then(|| map.remove_entry(event.aggregate_id))
+                .flatten()
+            {
                 self.held -= 1;
                 self.written_out[slot(kind)].insert(id.clone());
                 self.outgoing.push((id, held));
+            }
+        } else if self.written_out[slot(kind)].contains(event.aggregate_id) {
+            self.late.push(OwnedEvent::of(&event));
+            return Ok(self.late.len() > self.max_documents);
+        } else {
+            let held = create(&self.upcasters, kind, &event, touched)?;
+            let id = event.aggregate_id.to_owned();
+            if held.state.settled() {
+                self.written_out[slot(kind)].insert(id.clone());
+                self.outgoing.push((id, held));
+            } else {
+                self.held += 1;
+                self.docs[slot(kind)].insert(id, held);
             }
         }
         if self.held > self.max_documents {
@@ -263,54 +282,6 @@ impl Folder {
             self.outgoing.extend(leaving);
         }
         Ok(false)
-    }
-
-    /// Fold `event` into `current` (its document, if one exists) and hold the result. Returns
-    /// whether the document has settled.
-    fn apply(
-        &mut self,
-        kind: ViewKind,
-        id: String,
-        current: Option<Box<Held>>,
-        event: &RawEvent<'_>,
-    ) -> Result<bool, ProjectorError> {
-        let head = EventHead {
-            position: event.position,
-            event_type: event.event_type,
-        };
-        let (current, created, stored) = match current {
-            Some(h) => {
-                let Held {
-                    state,
-                    created,
-                    stored,
-                    ..
-                } = *h;
-                (Some(state), created, stored)
-            }
-            None => (None, event.position, false),
-        };
-        let state = if self
-            .upcasters
-            .iter()
-            .any(|u| u.can_upcast(event.event_type, event.event_version))
-        {
-            let stored_event = crate::upcast::upcast(stored_event(event)?, &self.upcasters);
-            projections::fold(kind, current, &stored_event)?
-        } else {
-            projections::fold_text(kind, current, head, event.payload)?
-        };
-        // A document read back from the table cannot be sent with `COPY` again.
-        let settled = !stored && state.settled();
-        let held = Held {
-            state,
-            created,
-            position: event.position,
-            touched: self.events as u64,
-            stored,
-        };
-        self.docs[slot(kind)].insert(id, Box::new(held));
-        Ok(settled)
     }
 
     /// Take documents out of memory: the least recently touched half (`partial`, remembered
@@ -361,6 +332,62 @@ impl Folder {
         }
         Ok(())
     }
+}
+
+/// Whether `event` is of an older shape that must be upcast before it is folded.
+fn needs_upcast(upcasters: &[Box<dyn EventUpcaster>], event: &RawEvent<'_>) -> bool {
+    upcasters
+        .iter()
+        .any(|u| u.can_upcast(event.event_type, event.event_version))
+}
+
+/// Fold `event` into the document `held`, in place. Returns whether it has settled (a
+/// document read back from the table never counts: it cannot be sent with `COPY` again).
+fn update(
+    upcasters: &[Box<dyn EventUpcaster>],
+    held: &mut Held,
+    event: &RawEvent<'_>,
+    touched: u64,
+) -> Result<bool, ProjectorError> {
+    if needs_upcast(upcasters, event) {
+        let stored = crate::upcast::upcast(stored_event(event)?, upcasters);
+        held.state.update_stored(&stored)?;
+    } else {
+        let head = EventHead {
+            position: event.position,
+            event_type: event.event_type,
+        };
+        held.state.update_text(head, event.payload)?;
+    }
+    held.position = event.position;
+    held.touched = touched;
+    Ok(!held.stored && held.state.settled())
+}
+
+/// The document of `kind` that `event` starts.
+fn create(
+    upcasters: &[Box<dyn EventUpcaster>],
+    kind: ViewKind,
+    event: &RawEvent<'_>,
+    touched: u64,
+) -> Result<Box<Held>, ProjectorError> {
+    let state = if needs_upcast(upcasters, event) {
+        let stored = crate::upcast::upcast(stored_event(event)?, upcasters);
+        projections::fold(kind, None, &stored)?
+    } else {
+        let head = EventHead {
+            position: event.position,
+            event_type: event.event_type,
+        };
+        projections::fold_text(kind, None, head, event.payload)?
+    };
+    Ok(Box::new(Held {
+        state,
+        created: event.position,
+        position: event.position,
+        touched,
+        stored: false,
+    }))
 }
 
 /// A rebuilt document with its creating and last positions.
@@ -584,31 +611,42 @@ fn copy_in_statement() -> String {
     format!("COPY {STAGING} ({VIEW_COLUMNS}) FROM STDIN (FORMAT binary, FREEZE)")
 }
 
-/// Documents encoded for `COPY … (FORMAT binary)`, in chunks of about [`COPY_CHUNK`].
-struct CopyRows {
-    buf: Vec<u8>,
-    /// One document's JSON at a time, reused: its length precedes it in the row.
-    json: Vec<u8>,
+/// Chunk buffers the database connection is done with, for the encoder to fill again: a
+/// fresh megabyte per chunk made the allocator consolidate its free lists every time.
+#[derive(Default)]
+struct Spare(std::sync::Mutex<Vec<Vec<u8>>>);
+
+impl Spare {
+    fn take(&self) -> Vec<u8> {
+        let spare = self.0.lock().ok().and_then(|mut s| s.pop());
+        spare.unwrap_or_else(|| Vec::with_capacity(COPY_CHUNK + (64 << 10)))
+    }
+
+    fn give(&self, mut chunk: Vec<u8>) {
+        chunk.clear();
+        if let Ok(mut spare) = self.0.lock() {
+            spare.push(chunk);
+        }
+    }
 }
 
-impl CopyRows {
-    fn new() -> Self {
-        let mut buf = Vec::with_capacity(COPY_CHUNK + (64 << 10));
+/// Documents encoded for `COPY … (FORMAT binary)`, in chunks of about [`COPY_CHUNK`].
+struct CopyRows<'s> {
+    buf: Vec<u8>,
+    spare: &'s Spare,
+}
+
+impl<'s> CopyRows<'s> {
+    fn new(spare: &'s Spare) -> Self {
+        let mut buf = spare.take();
         buf.extend_from_slice(SIGNATURE);
         buf.extend_from_slice(&0i32.to_be_bytes()); // flags
         buf.extend_from_slice(&0i32.to_be_bytes()); // header extension length
-        Self {
-            buf,
-            json: Vec::with_capacity(4096),
-        }
+        Self { buf, spare }
     }
 
     fn push(&mut self, (id, held): (String, Box<Held>)) -> Result<(), ProjectorError> {
-        self.json.clear();
-        let doc = held
-            .state
-            .write_doc(id, &mut self.json)
-            .map_err(encode_error)?;
+        let doc = held.state.columns(id);
         let buf = &mut self.buf;
         buf.extend_from_slice(&10i16.to_be_bytes());
         for text in [
@@ -625,15 +663,19 @@ impl CopyRows {
             buf.extend_from_slice(&8i32.to_be_bytes());
             buf.extend_from_slice(&n.to_be_bytes());
         }
-        buf.extend_from_slice(&field_len(self.json.len())?.to_be_bytes());
-        buf.extend_from_slice(&self.json);
+        // The JSON is written in place after its length field, filled in once it is known,
+        // so the row is not copied afterwards.
+        let length_at = buf.len();
+        buf.extend_from_slice(&0i32.to_be_bytes());
+        held.state.write_json(buf).map_err(encode_error)?;
+        let length = field_len(buf.len() - length_at - 4)?;
+        buf[length_at..length_at + 4].copy_from_slice(&length.to_be_bytes());
         push_text(buf, doc.due_at.as_deref())
     }
 
     /// The bytes encoded so far, once they make a chunk.
     fn full_chunk(&mut self) -> Option<Vec<u8>> {
-        (self.buf.len() >= COPY_CHUNK)
-            .then(|| std::mem::replace(&mut self.buf, Vec::with_capacity(COPY_CHUNK + (64 << 10))))
+        (self.buf.len() >= COPY_CHUNK).then(|| std::mem::replace(&mut self.buf, self.spare.take()))
     }
 
     /// The rest, with the trailer.
@@ -653,14 +695,16 @@ async fn copy_in(
         return Ok(());
     }
     let mut copy = conn.copy_in_raw(&copy_in_statement()).await?;
-    let mut rows = CopyRows::new();
+    let spare = Spare::default();
+    let mut rows = CopyRows::new(&spare);
     for doc in docs {
         if let Err(e) = rows.push(doc) {
             copy.abort("a document could not be encoded").await?;
             return Err(e);
         }
         if let Some(chunk) = rows.full_chunk() {
-            copy.send(chunk).await?;
+            copy.send(&chunk[..]).await?;
+            spare.give(chunk);
         }
     }
     copy.send(rows.end()).await?;
@@ -740,6 +784,7 @@ pub(crate) async fn fold_postgres(
     // reads, folds and encodes; `write` feeds the chunks to the database on the other
     // connection as they come.
     let (send, receive) = tokio::sync::mpsc::channel::<Chunk>(2);
+    let spare = Spare::default();
     let write = async {
         // Each future owns its end of the channel, so that whichever stops first (done or
         // failed) closes it and the other one stops too, instead of waiting forever.
@@ -748,7 +793,8 @@ pub(crate) async fn fold_postgres(
         while let Some(chunk) = receive.recv().await {
             match chunk {
                 Chunk::Data(bytes) => {
-                    copy.send(bytes).await?;
+                    copy.send(&bytes[..]).await?;
+                    spare.give(bytes);
                 }
                 Chunk::End(bytes) => {
                     copy.send(bytes).await?;
@@ -763,7 +809,7 @@ pub(crate) async fn fold_postgres(
     };
     let fold = async {
         let send = send;
-        let mut rows = CopyRows::new();
+        let mut rows = CopyRows::new(&spare);
         let mut overflow = false;
         'stream: while let Some(chunk) = stream.next().await {
             events.push(chunk?);

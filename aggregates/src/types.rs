@@ -48,7 +48,9 @@ impl Address {
     /// (every view document, every event), and a hash costs more than the rest of an encode.
     fn with_checksum<R>(&self, f: impl FnOnce(&str) -> R) -> R {
         thread_local! {
-            static CHECKSUMS: RefCell<HashMap<[u8; 20], [u8; 42]>> = RefCell::new(HashMap::new());
+            // foldhash, seeded per process: SipHash was most of a cache hit's cost.
+            static CHECKSUMS: RefCell<HashMap<[u8; 20], [u8; 42], foldhash::fast::RandomState>> =
+                RefCell::new(HashMap::default());
         }
         /// Addresses remembered per thread (62 bytes each): forgotten all at once when full.
         const REMEMBERED: usize = 4096;

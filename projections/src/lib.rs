@@ -181,27 +181,25 @@ impl ViewState {
         }
     }
 
-    /// [`to_doc_text`](Self::to_doc_text) that appends the JSON text to `out` instead (the
-    /// rebuild writes documents straight into its `COPY` buffer): the other columns are
-    /// returned.
-    pub fn write_doc(
-        &self,
-        id: String,
-        out: &mut Vec<u8>,
-    ) -> Result<ViewDoc<()>, serde_json::Error> {
-        fn write<V: views::View>(
-            v: &V,
-            id: String,
-            out: &mut Vec<u8>,
-        ) -> Result<ViewDoc<()>, serde_json::Error> {
-            serde_json::to_writer(&mut *out, v)?;
-            Ok(v.doc(id, ()))
-        }
+    /// The indexed columns of [`to_doc`](Self::to_doc), without the document.
+    pub fn columns(&self, id: String) -> ViewDoc<()> {
+        use views::View;
         match self {
-            Self::Transaction(v) => write(&**v, id, out),
-            Self::Wallet(v) => write(v, id, out),
-            Self::ApiKey(v) => write(v, id, out),
-            Self::User(v) => write(v, id, out),
+            Self::Transaction(v) => v.doc(id, ()),
+            Self::Wallet(v) => v.doc(id, ()),
+            Self::ApiKey(v) => v.doc(id, ()),
+            Self::User(v) => v.doc(id, ()),
+        }
+    }
+
+    /// Append the document's JSON text to `out` (the rebuild writes documents straight into
+    /// its `COPY` buffer).
+    pub fn write_json(&self, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+        match self {
+            Self::Transaction(v) => serde_json::to_writer(out, &**v),
+            Self::Wallet(v) => serde_json::to_writer(out, v),
+            Self::ApiKey(v) => serde_json::to_writer(out, v),
+            Self::User(v) => serde_json::to_writer(out, v),
         }
     }
 
@@ -214,6 +212,37 @@ impl ViewState {
             Self::ApiKey(v) => v.doc(id, serde_json::to_string(v)?),
             Self::User(v) => v.doc(id, serde_json::to_string(v)?),
         })
+    }
+}
+
+impl ViewState {
+    /// Fold an event's stored JSON text into this document in place (the rebuild's path: a
+    /// document is not moved per event). The event must be of the current shape (upcast older
+    /// ones first) and for this document's kind. On error the document is unchanged.
+    pub fn update_text(
+        &mut self,
+        head: EventHead<'_>,
+        payload: &str,
+    ) -> Result<(), ProjectionError> {
+        self.update_json(head, payload)
+    }
+
+    /// [`update_text`](Self::update_text) from an event as the general path holds it.
+    pub fn update_stored(&mut self, event: &StoredEvent) -> Result<(), ProjectionError> {
+        self.update_json(EventHead::of(event), &event.payload)
+    }
+
+    fn update_json(
+        &mut self,
+        head: EventHead<'_>,
+        payload: impl views::EventJson,
+    ) -> Result<(), ProjectionError> {
+        match self {
+            Self::Transaction(v) => views::update_typed(&mut **v, head, payload),
+            Self::Wallet(v) => views::update_typed(v, head, payload),
+            Self::ApiKey(v) => views::update_typed(v, head, payload),
+            Self::User(v) => views::update_typed(v, head, payload),
+        }
     }
 }
 

@@ -75,6 +75,17 @@ pub(crate) fn fold_typed<V: View>(
     fold_decoded(current, head, event)
 }
 
+/// [`fold_typed`] into a view held elsewhere: decoded first, so an error changes nothing.
+pub(crate) fn update_typed<V: View>(
+    view: &mut V,
+    head: EventHead<'_>,
+    payload: impl EventJson,
+) -> Result<(), ProjectionError> {
+    let event = payload.decode().map_err(|e| decode_error(head, e))?;
+    view.update(event, head.position);
+    Ok(())
+}
+
 fn fold_decoded<V: View>(
     current: Option<V>,
     head: EventHead<'_>,
@@ -672,6 +683,81 @@ mod tests {
         let view: TransactionView = serde_json::from_value(doc.payload).unwrap();
         assert_eq!(view.status, "authorized");
         assert_eq!(view.simulation, None);
+    }
+
+    /// A document's indexed columns, whatever form the document itself is in.
+    fn columns_of<P>(doc: &ViewDoc<P>) -> [Option<&str>; 7] {
+        [
+            Some(doc.kind.as_str()),
+            Some(&doc.id),
+            doc.owner_user_id.as_deref(),
+            doc.wallet_address.as_deref(),
+            doc.api_key_id.as_deref(),
+            doc.status.as_deref(),
+            doc.due_at.as_deref(),
+        ]
+    }
+
+    #[test]
+    fn folding_in_place_gives_what_apply_gives_and_a_bad_event_changes_nothing() {
+        let at = "2026-01-01T00:00:00Z";
+        let address = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed";
+        let events = [
+            json!({"TransactionPrepared": {
+                "transaction_id": "t1", "wallet_address": address, "owner_user_id": "u1",
+                "initiator": {"type": "agent", "api_key_id": "k1", "api_key_name": "bot"},
+                "kind": "native", "to": address, "token_address": null, "amount": null,
+                "memo": "rent \"May\"", "summary": "Send 1 wei",
+                "payload": {"chain_id": 31337, "from": address, "to": address, "value": "1",
+                    "data": "0x"},
+                "payload_digest": "00", "prepared_at": at, "expires_at": at}}),
+            json!({"TransactionAuthorized": {"authorized_by": "u1", "payload_digest": "00",
+                "authorized_at": at}}),
+            json!({"TransactionExecuted": {"tx_hash": "0x01", "nonce": 3, "gas_limit": 21000,
+                "max_fee_per_gas": 2, "max_priority_fee_per_gas": 1, "raw_transaction": "0x02",
+                "executed_by": {"type": "agent", "api_key_id": "k1", "api_key_name": "bot"},
+                "executed_at": at}}),
+            json!({"TransactionConfirmed": {"block_number": 9, "gas_used": 21000,
+                "effective_gas_price": 1, "confirmed_at": at}}),
+        ];
+        let mut expected: Option<ViewDoc> = None;
+        let mut state: Option<crate::ViewState> = None;
+        for (i, payload) in events.iter().enumerate() {
+            let event = stored(i as i64 + 1, "Transaction", "t1", payload.clone());
+            expected =
+                Some(apply(ViewKind::Transaction, expected.map(|d| d.payload), &event).unwrap());
+            let text = payload.to_string();
+            let head = EventHead::of(&event);
+            match &mut state {
+                None => {
+                    state =
+                        Some(crate::fold_text(ViewKind::Transaction, None, head, &text).unwrap())
+                }
+                Some(s) => s.update_text(head, &text).unwrap(),
+            }
+        }
+        let (expected, state) = (expected.unwrap(), state.unwrap());
+        let mut json = Vec::new();
+        state.write_json(&mut json).unwrap();
+        let columns = state.columns("t1".into());
+        assert_eq!(
+            serde_json::from_slice::<Value>(&json).unwrap(),
+            expected.payload
+        );
+        assert_eq!(columns_of(&columns), columns_of(&expected));
+        assert_eq!(columns.status.as_deref(), Some("confirmed"));
+
+        // An event that does not decode: an error naming it, and the document as it was.
+        let mut after = state.clone();
+        let head = EventHead {
+            position: 5,
+            event_type: "TransactionFailed",
+        };
+        assert!(matches!(
+            after.update_text(head, r#"{"TransactionFailed": {"reason": 7}}"#),
+            Err(ProjectionError::Decode { position: 5, .. })
+        ));
+        assert_eq!(after, state);
     }
 
     #[test]
