@@ -7,7 +7,7 @@
 //! later. The signing key is generated on first start and kept sealed under the master key;
 //! it is opened only to sign a checkpoint and zeroized right after.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
@@ -133,14 +133,6 @@ pub async fn trusted_keys(
 }
 
 #[derive(sqlx::FromRow)]
-struct SealInput {
-    /// Payload and metadata as stored: hashed without parsing them into a `Value`.
-    #[sqlx(flatten)]
-    event: AuditEvent,
-    prev_hash: Option<Vec<u8>>,
-}
-
-#[derive(sqlx::FromRow)]
 pub(crate) struct CheckpointRow {
     seq: i64,
     position: i64,
@@ -175,17 +167,40 @@ impl TryFrom<CheckpointRow> for Checkpoint {
 pub(crate) const CHECKPOINT_COLUMNS: &str =
     "seq, position, event_count, accumulator, prev_checkpoint_hash, key_id, signature, signed_at";
 
+/// The next events to seal, payload and metadata as stored (hashed without parsing them into
+/// a `Value`).
 fn seal_input_sql(backend: Backend) -> String {
     format!(
-        "SELECT {}, ps.hash AS prev_hash \
-         FROM events e \
-         LEFT JOIN events p ON p.aggregate_type = e.aggregate_type \
-           AND p.aggregate_id = e.aggregate_id AND p.sequence = e.sequence - 1 \
-         LEFT JOIN event_seals ps ON ps.position = p.position \
-         WHERE e.position > $1 ORDER BY e.position LIMIT $2",
+        "SELECT {} FROM events e WHERE e.position > $1 ORDER BY e.position LIMIT $2",
         event_text_columns(backend)
     )
 }
+
+/// An aggregate's event: its type, id and sequence.
+type EventKey = (String, String, i64);
+
+/// The query for the seal hashes of the events now stored under `keys` (those that have one):
+/// the event at that key in `events`, then the seal at its position, as a batch's
+/// predecessors are found.
+fn predecessors_query<'a, DB: sqlx::Database>(keys: &'a [EventKey]) -> sqlx::QueryBuilder<'a, DB>
+where
+    &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    let mut query = sqlx::QueryBuilder::new("WITH k (t, i, s) AS (");
+    query.push_values(keys, |mut b, (t, i, s)| {
+        b.push_bind(t.as_str()).push_bind(i.as_str()).push_bind(*s);
+    });
+    query.push(
+        ") SELECT p.aggregate_type, p.aggregate_id, ps.hash FROM k \
+         JOIN events p ON p.aggregate_type = k.t AND p.aggregate_id = k.i AND p.sequence = k.s \
+         JOIN event_seals ps ON ps.position = p.position",
+    );
+    query
+}
+
+/// Keys per predecessor query (3 parameters each): far below both backends' limits.
+const PREDECESSORS_CHUNK: usize = 500;
 
 /// What one sealing pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -328,35 +343,57 @@ impl Sealer {
                     cp.seq + 1,
                 ),
             };
-            let rows: Vec<SealInput> = sqlx::query_as(&select)
+            let rows: Vec<AuditEvent> = sqlx::query_as(&select)
                 .bind(after)
                 .bind(BATCH)
                 .fetch_all(&mut *tx)
                 .await?;
-            let Some(position) = rows.last().map(|r| r.event.position) else {
+            let Some(position) = rows.last().map(|r| r.position) else {
                 tx.rollback().await?;
                 return Ok(Sealed {
                     position: after,
                     events: 0,
                 });
             };
+            // An aggregate's first event in this batch links to the seal of its predecessor,
+            // if it has one (a first event, sequence 1, has none: nothing to look up). Later
+            // ones link to the hash made just before them.
+            let mut firsts: HashSet<(&str, &str)> = HashSet::new();
+            let wanted: Vec<EventKey> = rows
+                .iter()
+                .filter(|r| firsts.insert((&r.aggregate_type, &r.aggregate_id)) && r.sequence > 1)
+                .map(|r| {
+                    (
+                        r.aggregate_type.clone(),
+                        r.aggregate_id.clone(),
+                        r.sequence - 1,
+                    )
+                })
+                .collect();
+            // Keyed by aggregate: one predecessor is looked up per aggregate, its first event's.
+            let mut stored: HashMap<(String, String), Hash> = HashMap::with_capacity(wanted.len());
+            for chunk in wanted.chunks(PREDECESSORS_CHUNK) {
+                let found: Vec<(String, String, Vec<u8>)> = predecessors_query(chunk)
+                    .build_query_as()
+                    .fetch_all(&mut *tx)
+                    .await?;
+                for (t, i, hash) in found {
+                    if let Some(hash) = canonical::hash_from_slice(&hash) {
+                        stored.insert((t, i), hash);
+                    }
+                }
+            }
             let events = rows.len() as i64;
             let mut hasher = EventHasher::default();
             let mut heads: HashMap<(String, String), Hash> = HashMap::new();
             let mut seals: Vec<(i64, Seal)> = Vec::with_capacity(rows.len());
-            for SealInput {
-                event: row,
-                prev_hash,
-            } in rows
-            {
+            for row in rows {
                 let key = (row.aggregate_type.clone(), row.aggregate_id.clone());
-                let prev = match heads.get(&key) {
-                    Some(h) => *h,
-                    None => prev_hash
-                        .as_deref()
-                        .and_then(canonical::hash_from_slice)
-                        .unwrap_or(ZERO),
-                };
+                let prev = heads
+                    .get(&key)
+                    .or_else(|| stored.get(&key))
+                    .copied()
+                    .unwrap_or(ZERO);
                 let (hash, payload_hash) =
                     hasher
                         .hash_with_payload(&row.fields(), &prev)

@@ -93,10 +93,15 @@ impl Copy {
                 let source = url::Url::parse(&app.store.url).unwrap().path()[1..].to_owned();
                 let name = format!("countersign_copy_{}", uuid::Uuid::new_v4().simple());
                 let pool = sqlx::PgPool::connect(&admin).await.unwrap();
-                sqlx::query(&format!("CREATE DATABASE {name} TEMPLATE {source}"))
-                    .execute(&pool)
-                    .await
-                    .expect("copy the test database");
+                // A template must have no other sessions: PostgreSQL waits 5 s for the ones
+                // just closed to end, which a loaded machine has been seen to exceed.
+                let create = format!("CREATE DATABASE {name} TEMPLATE {source}");
+                let mut attempts = 0;
+                while let Err(e) = sqlx::query(&create).execute(&pool).await {
+                    attempts += 1;
+                    let busy = e.to_string().contains("being accessed by other users");
+                    assert!(busy && attempts < 5, "copy the test database: {e}");
+                }
                 pool.close().await;
                 let mut url = url::Url::parse(&admin).unwrap();
                 url.set_path(&name);
