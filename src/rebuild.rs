@@ -56,6 +56,16 @@ pub(crate) struct RawEvent<'a> {
     pub(crate) payload: &'a str,
 }
 
+impl RawEvent<'_> {
+    /// Where the event is in the log and its type, as folds and their errors name it.
+    fn head(&self) -> EventHead<'_> {
+        EventHead {
+            position: self.position,
+            event_type: self.event_type,
+        }
+    }
+}
+
 /// The columns of an event read for a rebuild, in this order, on both backends.
 pub(crate) const COLUMNS: &str =
     "position, aggregate_type, aggregate_id, sequence, event_type, event_version, payload";
@@ -217,11 +227,7 @@ impl Folder {
         let id = event.aggregate_id.to_owned();
         let loaded = if self.written_out[slot(kind)].contains(&id) {
             self.reloaded += 1;
-            let head = EventHead {
-                position: event.position,
-                event_type: event.event_type,
-            };
-            sink.load(kind, &id, head).await?
+            sink.load(kind, &id, event.head()).await?
         } else {
             None
         };
@@ -353,11 +359,7 @@ fn update(
         let stored = crate::upcast::upcast(stored_event(event)?, upcasters);
         held.state.update_stored(&stored)?;
     } else {
-        let head = EventHead {
-            position: event.position,
-            event_type: event.event_type,
-        };
-        held.state.update_text(head, event.payload)?;
+        held.state.update_text(event.head(), event.payload)?;
     }
     held.position = event.position;
     held.touched = touched;
@@ -375,11 +377,7 @@ fn create(
         let stored = crate::upcast::upcast(stored_event(event)?, upcasters);
         projections::fold(kind, None, &stored)?
     } else {
-        let head = EventHead {
-            position: event.position,
-            event_type: event.event_type,
-        };
-        projections::fold_text(kind, None, head, event.payload)?
+        projections::fold_text(kind, None, event.head(), event.payload)?
     };
     Ok(Box::new(Held {
         state,
