@@ -18,7 +18,6 @@ use time::OffsetDateTime;
 use crate::app::AppState;
 use crate::chain::{gas_limit_for, next_nonce, to_u256, CallOutcome, ChainError};
 use crate::http::{ApiError, ApiResult};
-use crate::projector::ViewColumn;
 use crate::store::Actor;
 
 /// Who executes, as the aggregate and the event metadata know them.
@@ -132,12 +131,7 @@ pub async fn execute_authorized(
     let mined = state.chain.mined_nonce(&payload.from).await?;
     let in_flight: Vec<TransactionView> = state
         .db
-        .views_by(
-            ViewKind::Transaction,
-            ViewColumn::Wallet,
-            &payload.from.to_checksum(),
-            Some("executed"),
-        )
+        .executed_transactions_of(&payload.from.to_checksum())
         .await?;
     let nonce = next_nonce(mined, in_flight.iter().filter_map(|v| v.nonce));
     // Nothing is signed under a lock that died with its database connection.

@@ -1227,8 +1227,7 @@ impl Db {
             .transpose()
     }
 
-    /// Views of one kind selected by a column (`owner_user_id`, `api_key_id` or
-    /// `wallet_address`), newest first, optionally filtered by status.
+    /// Views of one kind selected by a column (`owner_user_id` or `api_key_id`), newest first, optionally filtered by status.
     pub async fn views_by<T: DeserializeOwned>(
         &self,
         kind: ViewKind,
@@ -1270,21 +1269,26 @@ impl Db {
         rows.into_iter().map(decode_view).collect()
     }
 
-    /// Every view of a kind in a status (background workers: expiry, receipts).
-    pub async fn views_in_status<T: DeserializeOwned>(
+    /// Executed transactions (sent, receipt not yet recorded), oldest first: what the receipt
+    /// worker watches. Through the partial index `views_executed_idx` ([`EXECUTED_TRANSACTIONS`]).
+    pub async fn executed_transactions<T: DeserializeOwned>(&self) -> Result<Vec<T>, StoreError> {
+        let rows: Vec<String> = with_pool!(self, |pool| sqlx::query_scalar(EXECUTED_TRANSACTIONS)
+            .fetch_all(pool)
+            .await?);
+        rows.into_iter().map(decode_view).collect()
+    }
+
+    /// A wallet's executed transactions, newest first: the nonces it has in flight. Through
+    /// `views_executed_idx` as well ([`EXECUTED_TRANSACTIONS_OF`]).
+    pub async fn executed_transactions_of<T: DeserializeOwned>(
         &self,
-        kind: ViewKind,
-        status: &str,
+        wallet_address: &str,
     ) -> Result<Vec<T>, StoreError> {
-        let rows: Vec<String> = with_pool!(self, |pool| {
-            sqlx::query_scalar(
-            "SELECT payload FROM views WHERE kind = $1 AND status = $2 ORDER BY position LIMIT 10000"
-        )
-        .bind(kind.as_str())
-        .bind(status)
-        .fetch_all(pool)
-        .await?
-        });
+        let rows: Vec<String> =
+            with_pool!(self, |pool| sqlx::query_scalar(EXECUTED_TRANSACTIONS_OF)
+                .bind(wallet_address)
+                .fetch_all(pool)
+                .await?);
         rows.into_iter().map(decode_view).collect()
     }
 
@@ -1325,11 +1329,22 @@ impl Db {
     }
 }
 
+/// The documents of executed transactions, oldest first ([`Db::executed_transactions`]). The
+/// predicate is spelled out, not bound, so that both databases can use the partial index
+/// `views_executed_idx`, which holds these documents alone (public for the test that checks
+/// the plans).
+pub const EXECUTED_TRANSACTIONS: &str = "SELECT payload FROM views \
+     WHERE kind = 'transaction' AND status = 'executed' ORDER BY position LIMIT 10000";
+
+/// One wallet's executed transactions, newest first ([`Db::executed_transactions_of`]).
+pub const EXECUTED_TRANSACTIONS_OF: &str = "SELECT payload FROM views \
+     WHERE kind = 'transaction' AND status = 'executed' AND wallet_address = $1 \
+     ORDER BY created_position DESC LIMIT 1000";
+
 #[derive(Debug, Clone, Copy)]
 pub enum ViewColumn {
     Owner,
     ApiKey,
-    Wallet,
 }
 
 impl ViewColumn {
@@ -1337,7 +1352,6 @@ impl ViewColumn {
         match self {
             Self::Owner => "owner_user_id",
             Self::ApiKey => "api_key_id",
-            Self::Wallet => "wallet_address",
         }
     }
 }

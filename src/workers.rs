@@ -3,7 +3,7 @@
 //! Each runs on every node; the aggregates make their commands safe to race.
 
 use aggregates::{ReceiptOutcome, TransactionCommand};
-use projections::{TransactionView, ViewKind};
+use projections::TransactionView;
 use time::OffsetDateTime;
 use tokio::task::JoinHandle;
 
@@ -112,10 +112,7 @@ async fn receipt_loop(state: AppState) {
 /// A rebroadcast the node refuses fails the transaction, which frees its nonce for the next
 /// execution from the wallet (see `chain::next_nonce`), so later ones are not stuck behind it.
 pub async fn track_receipts(state: &AppState) -> Result<(), crate::http::ApiError> {
-    let executed: Vec<TransactionView> = state
-        .db
-        .views_in_status(ViewKind::Transaction, "executed")
-        .await?;
+    let executed: Vec<TransactionView> = state.db.executed_transactions().await?;
     let actor = Actor::system("receipts");
     for view in executed {
         let Some(tx_hash) = view.tx_hash.as_deref() else {

@@ -9,7 +9,7 @@ use aggregates::{
     SecurityLog, SecurityLogCommand, SecurityLogError, Transaction, TransactionCommand,
 };
 use countersign::chain::KeyringSigner;
-use countersign::projector::Projector;
+use countersign::projector::{Projector, EXECUTED_TRANSACTIONS, EXECUTED_TRANSACTIONS_OF};
 use countersign::store::{Actor, Db};
 use countersign::writer::{Writer, NEW_AGGREGATE};
 use countersign::Application;
@@ -28,6 +28,7 @@ on_both_backends!(
     views_are_exact_after_a_crash_under_load,
     a_commit_folds_events_another_writer_left_unprojected,
     a_made_up_id_that_is_taken_conflicts_instead_of_forking_history,
+    executed_transactions_are_read_through_their_partial_index,
 );
 
 async fn checkpoint(db: &Db) -> i64 {
@@ -324,4 +325,52 @@ async fn a_made_up_id_that_is_taken_conflicts_instead_of_forking_history(backend
     assert_eq!(history().await, [1]);
     db.close().await;
     app.cleanup().await;
+}
+
+/// The receipt worker and every execution ask for the executed transactions, which the partial
+/// index `views_executed_idx` holds alone; with a plain scan instead, each receipt pass would
+/// read every transaction ever made. Both queries, as the server sends them, must be able to
+/// use it: on PostgreSQL with plain scans priced out and a generic plan (so nothing bound is
+/// looked at), on SQLite as its planner chooses with no statistics, as on a fresh database.
+async fn executed_transactions_are_read_through_their_partial_index(backend: Backend) {
+    let store = Store::new(backend).await;
+    let db = Db::connect(&store.url).await.unwrap();
+    db.migrate().await.unwrap();
+    let wallet = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8";
+    for sql in [EXECUTED_TRANSACTIONS, EXECUTED_TRANSACTIONS_OF] {
+        let plan: Vec<String> = match &db {
+            Db::Postgres(pool) => {
+                let mut conn = pool.acquire().await.unwrap();
+                for setting in [
+                    "enable_seqscan = off",
+                    "plan_cache_mode = force_generic_plan",
+                ] {
+                    sqlx::query(&format!("SET {setting}"))
+                        .execute(&mut *conn)
+                        .await
+                        .unwrap();
+                }
+                let explain = format!("EXPLAIN {sql}");
+                let mut query = sqlx::query_scalar(&explain);
+                if sql.contains("$1") {
+                    query = query.bind(wallet);
+                }
+                query.fetch_all(&mut *conn).await.unwrap()
+            }
+            Db::Sqlite(pool) => {
+                let explain = format!("EXPLAIN QUERY PLAN {sql}");
+                let mut query = sqlx::query_as::<_, (i64, i64, i64, String)>(&explain);
+                if sql.contains("$1") {
+                    query = query.bind(wallet);
+                }
+                let rows = query.fetch_all(pool).await.unwrap();
+                rows.into_iter().map(|(_, _, _, detail)| detail).collect()
+            }
+        };
+        assert!(
+            plan.iter().any(|line| line.contains("views_executed_idx")),
+            "{backend:?}: {sql}\n{}",
+            plan.join("\n")
+        );
+    }
 }
