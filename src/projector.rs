@@ -693,24 +693,28 @@ impl Projector {
             // Where each document commands were checked against is now: the views (current up
             // to the checkpoint), then the events above it.
             let mut found_at: HashMap<DocKey, i64> = HashMap::new();
-            for kind in ViewKind::ALL {
-                let ids: Vec<&str> = checked
-                    .iter()
-                    .filter(|(k, _)| *k == kind)
-                    .map(|(_, id)| id.as_str())
-                    .collect();
-                for chunk in ids.chunks(500) {
-                    let sql = document_positions_sql(chunk.len());
-                    let mut q = sqlx::query_as(&sql).bind(kind.as_str());
-                    for id in chunk {
+            for chunk in checked.chunks(500) {
+                let mut groups: Vec<(ViewKind, Vec<&str>)> = Vec::new();
+                for (kind, id) in chunk {
+                    match groups.iter_mut().find(|(k, _)| k == kind) {
+                        Some((_, ids)) => ids.push(id.as_str()),
+                        None => groups.push((*kind, vec![id.as_str()])),
+                    }
+                }
+                let sizes: Vec<usize> = groups.iter().map(|(_, ids)| ids.len()).collect();
+                let sql = document_positions_sql(&sizes);
+                let mut q = sqlx::query_as(&sql);
+                for (kind, ids) in &groups {
+                    q = q.bind(kind.as_str());
+                    for id in ids {
                         q = q.bind(*id);
                     }
-                    let found: Vec<(String, i64)> = q.fetch_all(&mut *tx).await?;
-                    found_at.extend(
-                        found
-                            .into_iter()
-                            .map(|(id, position)| ((kind, id), position)),
-                    );
+                }
+                let found: Vec<(String, String, i64)> = q.fetch_all(&mut *tx).await?;
+                for (kind, id, position) in found {
+                    if let Some(kind) = ViewKind::ALL.into_iter().find(|k| k.as_str() == kind) {
+                        found_at.insert((kind, id), position);
+                    }
                 }
             }
             for row in &gap {
@@ -1333,15 +1337,29 @@ impl Db {
     }
 }
 
-/// Where `ids` documents of one kind (`$1`; the ids `$2`…) stand: their positions. Kind by kind,
-/// so that both databases find each through the primary key: SQLite's leads with `kind`, and
-/// `id IN (…)` alone read every document there, in every batch of the writer (public for the
-/// test that checks the plans).
-pub fn document_positions_sql(ids: usize) -> String {
-    let list: Vec<String> = (2..ids + 2).map(|i| format!("${i}")).collect();
+/// Where documents stand: their kinds, ids and positions, for groups of ids of one kind each,
+/// `sizes[g]` ids in group `g`, bound as the group's kind then its ids (`$1` the first kind,
+/// `$2`… its ids, then the next kind…). Each group names its kind, so that both databases find
+/// every document through the primary key: SQLite's leads with `kind`, and `id IN (…)` alone
+/// read every document there, in every batch of the writer (public for the test that checks
+/// the plans).
+pub fn document_positions_sql(sizes: &[usize]) -> String {
+    let mut next = 0;
+    let mut param = || {
+        next += 1;
+        format!("${next}")
+    };
+    let groups: Vec<String> = sizes
+        .iter()
+        .map(|&n| {
+            let kind = param();
+            let ids: Vec<String> = (0..n).map(|_| param()).collect();
+            format!("(kind = {kind} AND id IN ({}))", ids.join(", "))
+        })
+        .collect();
     format!(
-        "SELECT id, position FROM views WHERE kind = $1 AND id IN ({})",
-        list.join(", ")
+        "SELECT kind, id, position FROM views WHERE {}",
+        groups.join(" OR ")
     )
 }
 

@@ -366,7 +366,7 @@ async fn view_queries_go_through_their_indexes(backend: Backend) {
             .unwrap();
         }
     }
-    let positions = document_positions_sql(2);
+    let positions = document_positions_sql(&[2, 1]);
     let primary_key = match backend {
         Backend::Postgres => "views_pkey",
         Backend::Sqlite => "sqlite_autoindex_views_1",
@@ -378,7 +378,11 @@ async fn view_queries_go_through_their_indexes(backend: Backend) {
             &["wallet-0"],
             "views_executed_idx",
         ),
-        (&positions, &["wallet", "doc-1", "doc-5"], primary_key),
+        (
+            &positions,
+            &["wallet", "doc-1", "doc-5", "api_key", "doc-2"],
+            primary_key,
+        ),
     ];
     for (sql, binds, index) in cases {
         let plan: Vec<String> = match &db {
