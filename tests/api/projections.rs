@@ -410,4 +410,6 @@ async fn view_queries_go_through_their_indexes(backend: Backend) {
             "{backend:?}: {sql}\n{plan}"
         );
     }
+    db.close().await;
+    store.cleanup().await;
 }
