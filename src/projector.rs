@@ -1235,7 +1235,8 @@ impl Db {
             .transpose()
     }
 
-    /// Views of one kind selected by a column (`owner_user_id` or `api_key_id`), newest first, optionally filtered by status.
+    /// Views of one kind selected by a column (`owner_user_id` or `api_key_id`), newest first,
+    /// optionally filtered by status.
     pub async fn views_by<T: DeserializeOwned>(
         &self,
         kind: ViewKind,
